@@ -1,0 +1,218 @@
+"""Public API of the sequence-mixing ops.  Tensors are [B, T, H, dim], as in flash-linear-attention.
+
+Each op picks an implementation with ``impl``:
+  "scan"   token-by-token ``lax.scan`` recurrence (ground truth, slow);
+  "xla"    chunked pure-XLA form (chunk 64 by default; UT/WY form for the delta rules);
+  "pallas" Pallas kernels (GPU through Triton lowering, TPU through Mosaic; interpret mode on CPU),
+           available once a kernel is registered for the update rule;
+  "auto"   "pallas" on GPU/TPU when a kernel is registered for the rule, otherwise "xla".
+
+Varlen input: pass ``cu_seqlens`` (int [N+1]) with batch 1; every sequence starts from its own initial
+state (``initial_state`` [N, H, dk, dv]) and gets its own final state.  Lengths may change from call to
+call without recompiling: only N and the total length are static.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mom_jax.ops import chunked, common, scan
+from mom_jax.ops.common import PackedLayout
+
+UPDATE_RULES = ("gated_delta", "delta", "gla", "linear")
+_DELTA_RULES = ("gated_delta", "delta")
+
+# rule -> function(q, k, v, g, beta, layout, initial_state, output_final_state) -> (o, final).
+_PALLAS_KERNELS: dict[str, Callable] = {}
+
+
+def register_pallas_kernel(rule: str, fn: Callable) -> None:
+    """Lets ``pallas_kernels`` plug a kernel in for ``rule`` (same contract as ``packed_recurrence``)."""
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"unknown update rule {rule!r}")
+    _PALLAS_KERNELS[rule] = fn
+
+
+def _load_pallas_kernels() -> None:
+    try:  # the kernels register themselves on import
+        import pallas_kernels  # noqa: F401
+    except ImportError:
+        pass
+
+
+def resolve_impl(impl: str, rule: str) -> str:
+    """Maps "auto" to a concrete implementation and checks that the requested one exists."""
+    common.check_impl(impl)
+    if impl in ("pallas", "auto"):
+        _load_pallas_kernels()
+    if impl == "auto":
+        on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+        return "pallas" if (on_accelerator and rule in _PALLAS_KERNELS) else "xla"
+    if impl == "pallas" and rule not in _PALLAS_KERNELS:
+        raise NotImplementedError(
+            f"impl='pallas' has no kernel for update rule {rule!r} yet; use impl='xla' or 'auto'")
+    return impl
+
+
+def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLayout,
+                      initial_state=None, output_final_state: bool = False, impl: str = "auto"):
+    """Runs an update rule over a chunk-aligned packed stream (see ``common.PackedLayout``).
+
+    Args:
+      rule: one of UPDATE_RULES.
+      q, k: [B, L, H, dk], already L2-normalised and scaled as wanted; v: [B, L, H, dv].
+      g: log-decay, [B, L, H] for "gated_delta", [B, L, H, dk] for "gla", None otherwise (float32).
+      beta: [B, L, H] for the delta rules, None otherwise.
+      layout: segments of the stream; L == layout.num_chunks * layout.chunk_size.
+      initial_state: [B, S, H, dk, dv] float32 or None (zeros).
+    Returns:
+      o: [B, L, H, dv] float32; final: [B, S, H, dk, dv] float32 (None unless output_final_state).
+    """
+    impl = resolve_impl(impl, rule)
+    if impl == "pallas":
+        return _PALLAS_KERNELS[rule](q, k, v, g, beta, layout, initial_state, output_final_state)
+    if impl == "scan":
+        start, segment = layout.token_view()
+        o, final = scan.recurrent_scan(
+            q, k, v, g=g if rule == "gated_delta" else None, gk=g if rule == "gla" else None,
+            beta=beta, delta=rule in _DELTA_RULES, token_start=start, token_segment=segment,
+            num_segments=layout.num_segments, initial_state=initial_state)
+        return o, (final if output_final_state else None)
+    if rule in _DELTA_RULES:
+        return chunked.delta_chunked(q, k, v, g if rule == "gated_delta" else None, beta, layout,
+                                     initial_state=initial_state,
+                                     output_final_state=output_final_state)
+    return chunked.additive_chunked(q, k, v, g if rule == "gla" else None, layout,
+                                    initial_state=initial_state,
+                                    output_final_state=output_final_state)
+
+
+def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_state, use_qk_l2norm,
+            cu_seqlens, chunk_size, impl):
+    shapes = common.validate_qkv(q, k, v, op=op)
+    b, t, h, dk, dv = shapes.batch, shapes.length, shapes.heads, shapes.key_dim, shapes.value_dim
+    if rule == "gated_delta":
+        common.validate_gate("g", g, (b, t, h), op)
+    if rule == "gla":
+        common.validate_gate("g", g, (b, t, h, dk), op)
+    if rule in _DELTA_RULES:
+        common.validate_gate("beta", beta, (b, t, h), op)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    common.check_impl(impl)
+    n_states = b
+    if cu_seqlens is not None:
+        common.validate_cu_seqlens(cu_seqlens, b, t, op)
+        n_states = cu_seqlens.shape[0] - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_states, h, dk, dv):
+        what = "number of sequences" if cu_seqlens is not None else "batch"
+        raise ValueError(f"{op}: initial_state must have shape [{what}, heads, dk, dv] = "
+                         f"{[n_states, h, dk, dv]}, got {list(initial_state.shape)}")
+
+    scale = dk ** -0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, k = common.l2norm(q), common.l2norm(k)
+    q = q.astype(jnp.float32) * scale
+    k = k.astype(jnp.float32)
+    g = None if g is None else g.astype(jnp.float32)
+    beta = None if beta is None else beta.astype(jnp.float32)
+    init = None if initial_state is None else initial_state.astype(jnp.float32)
+    impl = resolve_impl(impl, rule)
+
+    if impl == "scan":  # the reference runs on the original token order
+        if cu_seqlens is None:
+            start = jnp.zeros((b, t), bool).at[:, 0].set(True)
+            segment = jnp.zeros((b, t), jnp.int32)
+            init_s = None if init is None else init[:, None]
+            nseg = 1
+        else:
+            cu = cu_seqlens.astype(jnp.int32)
+            tok = jnp.arange(t, dtype=jnp.int32)
+            segment = (jnp.searchsorted(cu, tok, side="right") - 1)[None]
+            start = (tok == cu[jnp.clip(segment[0], 0, n_states - 1)])[None]
+            init_s = None if init is None else init[None]
+            nseg = n_states
+        o, final = scan.recurrent_scan(
+            q, k, v, g=g if rule == "gated_delta" else None, gk=g if rule == "gla" else None,
+            beta=beta, delta=rule in _DELTA_RULES, token_start=start, token_segment=segment,
+            num_segments=nseg, initial_state=init_s)
+        final = final[:, 0] if cu_seqlens is None else final[0]
+        return o.astype(v.dtype), (final if output_final_state else None)
+
+    if cu_seqlens is None:
+        layout = common.rows_layout(b, t, chunk_size)
+        length = layout.num_chunks * chunk_size
+        padded = [common.pad_time(x, length) for x in (q, k, v, g, beta)]
+        o, final = packed_recurrence(rule, *padded[:3], g=padded[3], beta=padded[4], layout=layout,
+                                     initial_state=None if init is None else init[:, None],
+                                     output_final_state=output_final_state, impl=impl)
+        o = o[:, :t]
+        final = None if final is None else final[:, 0]
+    else:
+        packing = common.varlen_packing(cu_seqlens, t, chunk_size)
+        length = packing.layout.num_chunks * chunk_size
+
+        def pack(x):
+            if x is None:
+                return None
+            return jnp.zeros((1, length) + x.shape[2:], x.dtype).at[0, packing.positions].set(x[0])
+
+        o, final = packed_recurrence(rule, pack(q), pack(k), pack(v), g=pack(g), beta=pack(beta),
+                                     layout=packing.layout,
+                                     initial_state=None if init is None else init[None],
+                                     output_final_state=output_final_state, impl=impl)
+        o = o[:, packing.positions]
+        final = None if final is None else final[0]
+    return o.astype(v.dtype), final
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     use_qk_l2norm=True, cu_seqlens=None, chunk_size=64, impl="auto"):
+    """Gated delta rule: S_t = exp(g_t)(I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T q_t.
+
+    Args:
+      q, k: [B, T, H, dk] (float32 or bfloat16); v: [B, T, H, dv].
+      g: [B, T, H] log-decay (<= 0), float32.  beta: [B, T, H] in [0, 1].
+      scale: query scale, default dk ** -0.5.
+      initial_state: [B, H, dk, dv] ([N, H, dk, dv] with cu_seqlens), float32.
+      use_qk_l2norm: L2-normalise q and k per head first (eps 1e-6).
+      cu_seqlens: optional int [N+1] offsets of N sequences packed along T (batch must be 1).
+    Returns:
+      (o [B, T, H, dv] in v's dtype, final state [B or N, H, dk, dv] float32 or None).
+    """
+    return _run_op("gated_delta", "gated_delta_rule", q, k, v, g, beta, scale=scale,
+                   initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                   impl=impl)
+
+
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
+               use_qk_l2norm=True, cu_seqlens=None, chunk_size=64, impl="auto"):
+    """Delta rule (no decay): S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T.  See gated_delta_rule."""
+    return _run_op("delta", "delta_rule", q, k, v, None, beta, scale=scale,
+                   initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                   impl=impl)
+
+
+def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm=False, cu_seqlens=None, chunk_size=64, impl="auto"):
+    """GLA: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T with per-key-channel log-decay g: [B, T, H, dk].
+
+    Other arguments as in gated_delta_rule (q/k normalisation is off by default, as in fla).
+    """
+    return _run_op("gla", "gated_linear_attention", q, k, v, g, None, scale=scale,
+                   initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                   impl=impl)
+
+
+def linear_attention(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
+                     use_qk_l2norm=False, cu_seqlens=None, chunk_size=64, impl="auto"):
+    """Causal linear attention: S_t = S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.  See gated_delta_rule."""
+    return _run_op("linear", "linear_attention", q, k, v, None, None, scale=scale,
+                   initial_state=initial_state, output_final_state=output_final_state,
+                   use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                   impl=impl)
