@@ -71,17 +71,36 @@ def recurrent_scan(
         seg_safe = jnp.maximum(seg_t, 0)
         seg_init = jnp.where((seg_t >= 0)[:, None, None, None], init[rows, seg_safe], 0.0)
         state = jnp.where(start_t[:, None, None, None], seg_init, state)
-        state = state * jnp.exp(g_t)[..., None, None] * jnp.exp(gk_t)[..., :, None]
-        if delta:
-            kv_old = jnp.einsum("bhkv,bhk->bhv", state, k_t)
-            u = b_t[..., None] * (v_t - kv_old)
-        else:
-            u = v_t
-        state = state + k_t[..., :, None] * u[..., None, :]
-        o_t = jnp.einsum("bhkv,bhk->bhv", state, q_t)
+        state, o_t = recurrent_step(state, q_t, k_t, v_t, g=g_t, gk=gk_t,
+                                    beta=b_t if delta else None)
         write = jax.nn.one_hot(seg_t, num_segments, dtype=bool) & (seg_t >= 0)[:, None]
         final = jnp.where(write[:, :, None, None, None], state[:, None], final)
         return (state, final), o_t
 
     (_, final), o = jax.lax.scan(step, (jnp.zeros((b, h, dk, dv), f32), init), xs)
     return jnp.moveaxis(o, 0, 1), final
+
+
+def recurrent_step(state, q, k, v, *, g=None, gk=None, beta=None):
+    """One token of the recurrence for any leading batch shape (used by the scan and by decoding).
+
+    Args:
+      state: [..., dk, dv] float32; q, k: [..., dk]; v: [..., dv]; g: [...] scalar log-decay or None;
+      gk: [..., dk] per-channel log-decay or None; beta: [...] (delta write) or None (additive write).
+    Returns:
+      (new state [..., dk, dv] float32, o [..., dv] float32).
+    """
+    f32 = jnp.float32
+    state = state.astype(f32)
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+    if g is not None:
+        state = state * jnp.exp(g.astype(f32))[..., None, None]
+    if gk is not None:
+        state = state * jnp.exp(gk.astype(f32))[..., :, None]
+    if beta is not None:
+        kv_old = jnp.einsum("...kv,...k->...v", state, k)
+        u = beta.astype(f32)[..., None] * (v - kv_old)
+    else:
+        u = v
+    state = state + k[..., :, None] * u[..., None, :]
+    return state, jnp.einsum("...kv,...k->...v", state, q)
