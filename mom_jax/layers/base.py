@@ -1,0 +1,165 @@
+"""Common base of the recurrent mixers (MoM and its single-memory baselines).
+
+Holds the configuration checks, the parameters every mixer shares (q projection, short convs, decay
+parameters, output head) and the feature maps used identically by the chunked forward and by the
+one-token decode step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mom_jax import ops
+from mom_jax.layers import common as lc
+from mom_jax.ops import common as oc
+from mom_jax.ops.scan import recurrent_step
+
+
+class RecurrentMixer(nnx.Module):
+    """Base class; subclasses add their key/value/beta/decay projections and the forward pass."""
+
+    def _init_common(self, hidden_size, *, num_heads, head_dim, expand_v, update_rule,
+                     use_output_gate, use_short_conv, conv_size, norm_eps, chunk_size, impl, dtype,
+                     rngs: nnx.Rngs):
+        d = lc.positive_int("hidden_size", hidden_size)
+        h = lc.positive_int("num_heads", num_heads)
+        if head_dim is None:
+            if d % h:
+                raise ValueError(f"hidden_size ({d}) is not divisible by num_heads ({h}); "
+                                 f"pass head_dim explicitly")
+            head_dim = d // h
+        dk = lc.positive_int("head_dim", head_dim)
+        dv_f = dk * expand_v
+        if not expand_v > 0 or dv_f != int(dv_f):
+            raise ValueError(f"head_dim * expand_v must be a positive integer, got {dk} * {expand_v}")
+        if update_rule not in ops.UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {ops.UPDATE_RULES}, got {update_rule!r}")
+        lc.positive_int("conv_size", conv_size)
+        lc.positive_int("chunk_size", chunk_size)
+        oc.check_impl(impl)
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {norm_eps!r}")
+
+        self.hidden_size, self.num_heads, self.head_dim = d, h, dk
+        self.head_v_dim = int(dv_f)
+        self.key_dim, self.value_dim = h * dk, h * self.head_v_dim
+        self.update_rule = update_rule
+        self.use_short_conv, self.conv_size = use_short_conv, conv_size
+        self.norm_eps, self.chunk_size, self.impl, self.dtype = norm_eps, chunk_size, impl, dtype
+
+        self.q_proj = nnx.Param(lc.xavier_uniform(rngs.params(), (d, self.key_dim)))
+        if update_rule == "gated_delta":
+            a_log, dt_bias = lc.decay_params(rngs.params(), h)
+            self.A_log, self.dt_bias = nnx.Param(a_log), nnx.Param(dt_bias)
+        if use_short_conv:
+            self.q_conv = nnx.Param(lc.conv_init(rngs.params(), (conv_size, self.key_dim)))
+            self.k_conv = nnx.Param(lc.conv_init(rngs.params(), (conv_size, self.key_dim)))
+            self.v_conv = nnx.Param(lc.conv_init(rngs.params(), (conv_size, self.value_dim)))
+        self.head = lc.OutputHead(d, h, self.head_v_dim, use_output_gate=use_output_gate,
+                                  norm_eps=norm_eps, rngs=rngs)
+
+    def _projection_parts(self):
+        """(name, width) of the key/value/beta/decay projections, in their concatenation order."""
+        parts = [("k", self.key_dim), ("v", self.value_dim)]
+        if self.update_rule in ("gated_delta", "delta"):
+            parts.append(("b", self.num_heads))
+        if self.update_rule == "gated_delta":
+            parts.append(("a", self.num_heads))
+        elif self.update_rule == "gla":
+            parts.append(("a", self.key_dim))
+        return parts
+
+    def _concat_weights(self, name_template: str, dtype) -> jax.Array:
+        """Concatenates the k|v|b|a weights named ``name_template.format(part)`` on the output axis."""
+        return jnp.concatenate([getattr(self, name_template.format(n))[...] for n, _ in
+                                self._projection_parts()], -1).astype(dtype)
+
+    def _conv_weight(self) -> jax.Array | None:
+        """[W, 2*Kd + Vd] weights of the q|k|v depthwise convs (None without short conv)."""
+        if not self.use_short_conv:
+            return None
+        return jnp.concatenate([self.q_conv[...], self.k_conv[...], self.v_conv[...]], -1)
+
+    @property
+    def conv_width(self) -> int:
+        """Channels of the conv buffers: the raw q|k|v projections."""
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def conv_history(self) -> int:
+        """W-1 raw inputs kept per memory for decoding (0 without short conv)."""
+        return self.conv_size - 1 if self.use_short_conv else 0
+
+    def _check(self, x, *, rank: int = 3):
+        lc.check_input(x, self.hidden_size, type(self).__name__, rank=rank)
+
+    def _split_features(self, qkv, extra, valid=None):
+        """Post-activation q|k|v and raw b|a -> (q, k, v, g, beta) per head, masked where not valid.
+
+        qkv: [..., 2Kd+Vd]; extra: [..., nb+na] raw; valid: bool [...] or None.
+        Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5); v: [..., H, dv];
+        g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None; beta: [..., H] float32 or None.
+        """
+        kd, h = self.key_dim, self.num_heads
+        lead = qkv.shape[:-1]
+        q = qkv[..., :kd].reshape(lead + (h, self.head_dim))
+        k = qkv[..., kd:2 * kd].reshape(lead + (h, self.head_dim))
+        v = qkv[..., 2 * kd:].reshape(lead + (h, self.head_v_dim))
+        q = oc.l2norm(q) * (self.head_dim ** -0.5)
+        k = oc.l2norm(k)
+        beta = g = None
+        col = 0
+        if self.update_rule in ("gated_delta", "delta"):
+            beta = jax.nn.sigmoid(extra[..., col:col + h].astype(jnp.float32))
+            col += h
+        if self.update_rule == "gated_delta":
+            g = lc.gated_delta_log_decay(extra[..., col:col + h], self.A_log[...],
+                                         self.dt_bias[...])
+        elif self.update_rule == "gla":
+            g = lc.gla_log_decay(extra[..., col:col + kd]).reshape(lead + (h, self.head_dim))
+        if valid is not None:
+            def mask(x):
+                return None if x is None else jnp.where(
+                    valid.reshape(valid.shape + (1,) * (x.ndim - valid.ndim)), x, 0)
+            k, v, g, beta = mask(k), mask(v), mask(g), mask(beta)
+        return q, k, v, g, beta
+
+    def _activate_stream(self, qkv_raw, rank):
+        """Short conv (restarting where rank == 0) + SiLU, or SiLU alone: [B, L, C] -> [B, L, C]."""
+        if self.use_short_conv:
+            return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank)
+        return jax.nn.silu(qkv_raw)
+
+    def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):
+        return ops.packed_recurrence(self.update_rule, q, k, v, g=g, beta=beta, layout=layout,
+                                     initial_state=initial_state,
+                                     output_final_state=output_final_state, impl=self.impl)
+
+    def _advance(self, state, conv_buf, qkv_raw, extra):
+        """One token through one or more memories (leading dims broadcast).
+
+        state: [..., H, dk, dv]; conv_buf: [..., W-1, C]; qkv_raw: [..., C]; extra: [..., nb+na].
+        Returns (new state, new conv buffer, o [..., H, dv] float32).
+        """
+        if self.use_short_conv:
+            qkv, conv_buf = lc.short_conv_step(conv_buf, qkv_raw, self._conv_weight())
+        else:
+            qkv = jax.nn.silu(qkv_raw)
+        q, k, v, g, beta = self._split_features(qkv, extra)
+        state, o = recurrent_step(state, q, k, v, g=g if self.update_rule == "gated_delta" else None,
+                                  gk=g if self.update_rule == "gla" else None, beta=beta)
+        return state, conv_buf, o
+
+    @staticmethod
+    def _conv_tail(qkv_raw, offsets, lengths, history: int):
+        """Last ``history`` raw inputs of each segment (zeros before its start).
+
+        qkv_raw: [B, L, C]; offsets, lengths: int32 [B, S].  Returns [B, S, history, C].
+        """
+        b, s = lengths.shape
+        rel = lengths[..., None] - history + jnp.arange(history, dtype=jnp.int32)   # [B, S, W-1]
+        src = jnp.clip(offsets[..., None] + rel, 0, qkv_raw.shape[1] - 1)
+        buf = jnp.take_along_axis(qkv_raw, src.reshape(b, s * history)[..., None], axis=1)
+        buf = buf.reshape(b, s, history, qkv_raw.shape[-1])
+        return jnp.where((rel >= 0)[..., None], buf, 0)

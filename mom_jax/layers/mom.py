@@ -1,0 +1,226 @@
+"""The Mixture-of-Memories layer (Flax NNX), its decode cache, prefill and one-token step.
+
+Math (DESIGN.md §1): a router sends each token to the top-k of E memories; memory m sees only the
+tokens routed to it, in time order, with its own key/value/beta/decay projections; queries, convs,
+A_log and dt_bias are shared; an always-on shared memory sees every token.  All memories of a layer
+run as ONE packed stream (``mom_jax.routing``) through one call of the update rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mom_jax import routing
+from mom_jax.layers import common as lc
+from mom_jax.layers.base import RecurrentMixer
+from mom_jax.ops import common as oc
+
+ROUTED_PROJECTIONS = ("ragged", "dense")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoMCache:
+    """Decode cache of one MoM layer (constant size in the number of tokens seen).
+
+    Attributes:
+      routed_state: [B, E, H, dk, dv] float32 recurrent states of the routed memories.
+      routed_conv: [B, E, W-1, 2*Kd + Vd] last W-1 raw (pre-conv) q|k|v projections along each
+        memory's own sub-sequence (zeros before its first token); width 0 without short conv.
+      shared_state: [B, H, dk, dv] float32 or None.
+      shared_conv: [B, W-1, 2*Kd + Vd] or None.
+    """
+    routed_state: jax.Array
+    routed_conv: jax.Array
+    shared_state: jax.Array | None
+    shared_conv: jax.Array | None
+
+
+class MoMLayer(RecurrentMixer):
+    """Mixture-of-Memories sequence mixer.
+
+    Args:
+      hidden_size: D.
+      num_heads: H.  head_dim: dk (default D // H, which must divide).  expand_v: dv = dk * expand_v.
+      num_memories: E routed memories.  topk: memories per token (1 <= topk <= E).
+      shared_memory: add the always-on shared memory.
+      update_rule: "gated_delta" (default), "delta", "gla" (per-key-channel decay) or "linear".
+      single_kv_proj: one k/v/beta/decay projection for all memories (memories keep separate states).
+      use_output_gate: gated RMSNorm with SiLU(x W_g) (else plain RMSNorm).
+      use_short_conv, conv_size: depthwise causal conv + SiLU on q, k, v along each memory's
+        sub-sequence (zero history at its start); without it q, k, v get SiLU only.
+      norm_eps: RMSNorm epsilon.  chunk_size: chunk of the packed stream and the chunked kernels.
+      impl: "auto" | "pallas" | "xla" | "scan" implementation of the update rule.
+      routed_projection: "ragged" (grouped matmul over tokens sorted by memory) or "dense"
+        (project every token with every memory, then pick; E/k times the FLOPs, sometimes faster).
+      dtype: compute dtype of the matmuls (default: the input's); parameters stay float32.
+
+    Parameters (weights are [in, out]): q_proj [D, Kd]; gate [D, E]; k_proj/v_proj/b_proj/a_proj
+    [E, D, .] (absent with single_kv_proj); shared_k/v/b/a [D, .] (shared memory, or the single
+    projection); A_log, dt_bias [H] (gated delta); q_conv/k_conv/v_conv [W, .]; head.g_proj,
+    head.o_norm [dv], head.o_proj.
+    """
+
+    def __init__(self, hidden_size: int, *, num_heads: int = 4, head_dim: int | None = None,
+                 expand_v: float = 1.0, num_memories: int = 4, topk: int = 2,
+                 shared_memory: bool = True, update_rule: str = "gated_delta",
+                 single_kv_proj: bool = False, use_output_gate: bool = True,
+                 use_short_conv: bool = True, conv_size: int = 4, norm_eps: float = 1e-6,
+                 chunk_size: int = 64, impl: str = "auto", routed_projection: str = "ragged",
+                 dtype=None, rngs: nnx.Rngs):
+        e = lc.positive_int("num_memories", num_memories)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+        if topk > e:
+            raise ValueError(f"topk ({topk}) cannot exceed num_memories ({e})")
+        if routed_projection not in ROUTED_PROJECTIONS:
+            raise ValueError(f"routed_projection must be one of {ROUTED_PROJECTIONS}, "
+                             f"got {routed_projection!r}")
+        self._init_common(hidden_size, num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
+                          update_rule=update_rule, use_output_gate=use_output_gate,
+                          use_short_conv=use_short_conv, conv_size=conv_size, norm_eps=norm_eps,
+                          chunk_size=chunk_size, impl=impl, dtype=dtype, rngs=rngs)
+        self.num_memories, self.topk, self.shared_memory = e, topk, shared_memory
+        self.single_kv_proj, self.routed_projection = single_kv_proj, routed_projection
+        d = self.hidden_size
+        self.gate = nnx.Param(lc.xavier_uniform(rngs.params(), (d, e)))
+        for name, width in self._projection_parts():
+            if not single_kv_proj:
+                setattr(self, f"{name}_proj",
+                        nnx.Param(lc.xavier_uniform(rngs.params(), (e, d, width))))
+            if shared_memory or single_kv_proj:
+                setattr(self, f"shared_{name}", nnx.Param(lc.xavier_uniform(rngs.params(), (d, width))))
+
+    def _memory_weights(self, dtype) -> jax.Array:
+        """[E, D, N] concatenated k|v|b|a weights of the routed memories ([1, D, N] single_kv_proj)."""
+        if self.single_kv_proj:
+            return self._concat_weights("shared_{}", dtype)[None]
+        return self._concat_weights("{}_proj", dtype)
+
+    def _routed_raw(self, x, idx, plan: routing.DispatchPlan, w_mem):
+        """k|v|b|a raw projections of the routed slots: [B, L_routed, N] (zeros in padding).
+
+        x: [B, T, D] compute dtype; idx: [B, T, k] routing choices; w_mem: [E, D, N].
+        """
+        b, t, d = x.shape
+        k, e, lr = self.topk, self.num_memories, plan.routed_length
+        if self.single_kv_proj:
+            proj = x @ w_mem[0]
+            out = jnp.take_along_axis(proj, jnp.maximum(plan.slot_token[:, :lr], 0)[..., None], 1)
+        elif self.routed_projection == "dense":
+            proj = jnp.einsum("btd,edn->bten", x, w_mem).reshape(b, t * e, -1)
+            seg = jnp.repeat(plan.layout.chunk_segment[:, :lr // self.chunk_size], self.chunk_size,
+                             axis=1)
+            src = jnp.maximum(plan.slot_token[:, :lr], 0) * e + jnp.maximum(seg, 0)
+            out = jnp.take_along_axis(proj, src[..., None], axis=1)
+        else:
+            # Sort routed tokens by (memory, row, time) -> one grouped matmul with E groups.
+            counts = plan.counts                                            # [B, E]
+            per_mem = jnp.sum(counts, axis=0)                               # [E]
+            start = (jnp.cumsum(per_mem) - per_mem)[None, :] + jnp.cumsum(counts, 0) - counts
+            seg_off = plan.segment_offsets[:, :e]
+            rank = plan.positions - jnp.take_along_axis(seg_off[:, None, :], idx, axis=2)
+            mm_pos = jnp.take_along_axis(start[:, None, :], idx, axis=2) + rank   # [B, T, k]
+            src_tok = jnp.broadcast_to(
+                jnp.arange(b * t, dtype=jnp.int32).reshape(b, t, 1), (b, t, k))
+            inv = jnp.zeros((b * t * k,), jnp.int32).at[mm_pos.reshape(-1)].set(src_tok.reshape(-1))
+            y_mm = jax.lax.ragged_dot(x.reshape(b * t, d)[inv], w_mem, per_mem.astype(jnp.int32))
+            rows = jnp.arange(b)[:, None, None]
+            slot_mm = jnp.zeros((b, lr), jnp.int32).at[rows, plan.positions].set(mm_pos)
+            out = y_mm[slot_mm]
+        return jnp.where(plan.valid[:, :lr, None], out, 0)
+
+    def _forward(self, x, output_final_state: bool):
+        dtype = self.dtype or x.dtype
+        xc = x.astype(dtype)
+        router_logits = x.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)
+        weights, idx = routing.route(router_logits, self.topk)
+        plan = routing.plan_dispatch(idx, self.num_memories, self.chunk_size, self.shared_memory)
+
+        q_raw = routing.dispatch(xc @ self.q_proj[...].astype(dtype), plan)       # [B, L, Kd]
+        kvba = self._routed_raw(xc, idx, plan, self._memory_weights(dtype))      # [B, Lr, N]
+        if self.shared_memory:
+            shared = xc @ self._concat_weights("shared_{}", dtype)                 # [B, T, N]
+            kvba = jnp.concatenate(
+                [kvba, oc.pad_time(shared, plan.length - plan.routed_length)], axis=1)
+        nkv = self.key_dim + self.value_dim
+        qkv_raw = jnp.concatenate([q_raw, kvba[..., :nkv]], axis=-1)
+        qkv = self._activate_stream(qkv_raw, plan.slot_rank)
+        q, k, v, g, beta = self._split_features(qkv, kvba[..., nkv:], plan.valid)
+        o, final = self._recurrence(q, k, v, g, beta, plan.layout, None, output_final_state)
+        y = routing.combine(o, weights, plan)                                    # [B, T, H, dv]
+        out = self.head(y, xc)
+        if not output_final_state:
+            return out, router_logits, None
+        e = self.num_memories
+        buf = self._conv_tail(qkv_raw, plan.segment_offsets, plan.segment_lengths(),
+                              self.conv_history)
+        cache = MoMCache(routed_state=final[:, :e], routed_conv=buf[:, :e],
+                         shared_state=final[:, e] if self.shared_memory else None,
+                         shared_conv=buf[:, e] if self.shared_memory else None)
+        return out, router_logits, cache
+
+    def __call__(self, x):
+        """x: [B, T, D] -> (y [B, T, D] in the compute dtype, router_logits [B, T, E] float32)."""
+        self._check(x)
+        y, logits, _ = self._forward(x, output_final_state=False)
+        return y, logits
+
+    def prefill(self, x):
+        """Like __call__ from an empty cache; returns (y, router_logits, MoMCache after the last token)."""
+        self._check(x)
+        return self._forward(x, output_final_state=True)
+
+    def init_cache(self, batch_size: int, dtype=jnp.float32) -> MoMCache:
+        """Empty cache (no tokens seen).  ``dtype`` is the conv buffers' (use the compute dtype)."""
+        e, h, dk, dv = self.num_memories, self.num_heads, self.head_dim, self.head_v_dim
+        w1, f32 = self.conv_history, jnp.float32
+        return MoMCache(
+            routed_state=jnp.zeros((batch_size, e, h, dk, dv), f32),
+            routed_conv=jnp.zeros((batch_size, e, w1, self.conv_width), dtype),
+            shared_state=jnp.zeros((batch_size, h, dk, dv), f32) if self.shared_memory else None,
+            shared_conv=(jnp.zeros((batch_size, w1, self.conv_width), dtype)
+                         if self.shared_memory else None))
+
+    def step(self, x, cache: MoMCache):
+        """Decodes one token per row.
+
+        Args:
+          x: [B, D] the layer input of the new token; cache: MoMCache.
+        Returns:
+          (y [B, D], router_logits [B, E] float32, new cache).  Only the top-k selected memories
+          (and the shared one) change; every other memory's state and conv buffer is left as is.
+        """
+        self._check(x, rank=2)
+        dtype = self.dtype or x.dtype
+        xc = x.astype(dtype)
+        b, k = x.shape[0], self.topk
+        router_logits = x.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)
+        weights, idx = routing.route(router_logits, k)                           # [B, k]
+        rows = jnp.arange(b)[:, None]
+        nkv = self.key_dim + self.value_dim
+        q_raw = xc @ self.q_proj[...].astype(dtype)                              # [B, Kd]
+        w_mem = self._memory_weights(dtype)
+        if self.single_kv_proj:
+            kvba = jnp.broadcast_to((xc @ w_mem[0])[:, None], (b, k, w_mem.shape[-1]))
+        else:
+            kvba = jnp.einsum("bd,edn->ben", xc, w_mem)[rows, idx]               # [B, k, N]
+        qkv_raw = jnp.concatenate(
+            [jnp.broadcast_to(q_raw[:, None], (b, k, self.key_dim)), kvba[..., :nkv]], -1)
+        state, conv_buf, o = self._advance(cache.routed_state[rows, idx],
+                                           cache.routed_conv[rows, idx], qkv_raw, kvba[..., nkv:])
+        y = jnp.sum(o * weights[..., None, None], axis=1)                        # [B, H, dv]
+        routed_conv = cache.routed_conv.at[rows, idx].set(conv_buf.astype(cache.routed_conv.dtype))
+        new = dict(routed_state=cache.routed_state.at[rows, idx].set(state),
+                   routed_conv=routed_conv, shared_state=None, shared_conv=None)
+        if self.shared_memory:
+            skvba = xc @ self._concat_weights("shared_{}", dtype)
+            s_state, s_conv, s_o = self._advance(
+                cache.shared_state, cache.shared_conv,
+                jnp.concatenate([q_raw, skvba[..., :nkv]], -1), skvba[..., nkv:])
+            y = y + s_o
+            new.update(shared_state=s_state, shared_conv=s_conv.astype(cache.shared_conv.dtype))
+        return self.head(y, xc), router_logits, MoMCache(**new)
