@@ -1,0 +1,185 @@
+"""Entry point of the gated delta rule kernels: backend choice, padding, ``jax.custom_vjp``.
+
+``gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state)`` follows the
+``mom_jax.ops.packed_recurrence`` contract: q, k [B, L, H, dk] (already normalised and scaled),
+v [B, L, H, dv], g [B, L, H] float32 log-decay or None (plain delta rule), beta [B, L, H],
+initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] float32, final state or None).
+
+Backends: "triton" (GPU; on CPU in interpret mode), "mosaic" (TPU; on CPU in TPU interpret mode).
+The backward pass is either the Pallas backward kernels (``Config.bwd="pallas"``, GPU/CPU only) or the
+VJP of the chunked XLA form (``Config.bwd="xla"``, recomputes from the inputs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mom_jax.ops import chunked
+from mom_jax.ops.common import PackedLayout
+from pallas_kernels.gated_delta import common as cm
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static knobs of the kernels (hashable; part of the jit cache key).
+
+    backend: "auto" (mosaic on TPU, else triton), "triton" or "mosaic".
+    precision: dot precision on GPU for the state walk: "tf32", "tf32x3", "ieee" or "bf16".
+      The UT transform always uses full float32.  Interpret mode is always float32.
+    block_v: value-dimension block of one program (None: min(dv, 64)).
+    bwd: "pallas" (backward kernels where the backend has them) or "xla".
+    """
+    backend: str = "auto"
+    precision: str = "tf32"
+    block_v: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+    bwd: str = "xla"
+    bwd_block_v: int | None = None
+    bwd_num_warps: int = 4
+
+
+DEFAULT_CONFIG = Config()
+_config = [DEFAULT_CONFIG]
+
+
+def set_default_config(config: Config) -> None:
+    """Replaces the configuration used by the registered kernels (benchmarks use this)."""
+    _config[0] = config
+
+
+def get_default_config() -> Config:
+    return _config[0]
+
+
+def _interpret() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _backend(config: Config) -> str:
+    if config.backend != "auto":
+        return config.backend
+    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16):
+    """Pads head dims to powers of two (>= pad_to), forms the chunk-local cumsum, transposes gates."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    dkp, dvp = max(pad_to, cm.next_pow2(dk)), max(pad_to, cm.next_pow2(dv))
+    q, k = cm.pad_last(q, dkp), cm.pad_last(k, dkp)
+    v = cm.pad_last(v, dvp)
+    if init is not None:
+        init = cm.pad_last(init.astype(F32), dvp)
+        if dkp != dk:
+            init = jnp.pad(init, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
+    gcum = (jnp.zeros(beta.shape, F32) if g is None else cm.chunk_cumsum(g, chunk))
+    beta_t = jnp.transpose(beta.astype(F32), (0, 2, 1))
+    gcum_t = jnp.transpose(gcum, (0, 2, 1))
+    return q, k, v, beta_t, gcum_t, init
+
+
+def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config):
+    """Runs the forward kernels; returns (o, final, residuals for the Pallas backward)."""
+    from pallas_kernels.gated_delta import triton_fwd, mosaic  # noqa: PLC0415
+
+    layout = PackedLayout(chunk_segment, num_segments, chunk)
+    dk, dv = q.shape[-1], v.shape[-1]
+    interpret = _interpret()
+    backend = _backend(config)
+    if backend == "mosaic":
+        o, final = mosaic.gated_delta_fwd(q, k, v, g, beta, layout, init, interpret=interpret)
+        return o, final, None
+    qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk)
+    dvp = vp.shape[-1]
+    block_v = min(dvp, config.block_v or 64)
+    lo, hi, seg, first = cm.segment_ranges(layout)
+    t = triton_fwd.ut_transform(kp, beta_t, gcum_t, chunk, interpret=interpret)
+    o, final = triton_fwd.chunk_recurrence(
+        qp, kp, vp, beta_t, gcum_t, t, initp, lo, hi, seg, first, chunk=chunk,
+        num_segments=num_segments, block_v=block_v, precision=config.precision,
+        interpret=interpret, num_warps=config.num_warps, num_stages=config.num_stages)
+    return o[..., :dv], final[..., :dk, :dv], (t, beta_t, gcum_t)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom_vjp
+# ------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _gated_delta_core(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config):
+    o, final, _ = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment, num_segments,
+                           chunk, config)
+    return o, final
+
+
+def _core_fwd(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config):
+    o, final, extra = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
+                               num_segments, chunk, config)
+    return (o, final), (q, k, v, g, beta, init, chunk_segment, extra)
+
+
+def _xla_vjp(res, cts, num_segments, chunk, has_g):
+    q, k, v, g, beta, init, chunk_segment, _ = res
+    layout = PackedLayout(chunk_segment, num_segments, chunk)
+
+    def f(q, k, v, g, beta, init):
+        return chunked.delta_chunked(q, k, v, g if has_g else None, beta, layout,
+                                     initial_state=init, output_final_state=True)
+
+    _, vjp = jax.vjp(f, q, k, v, g, beta, init)
+    return vjp(cts)
+
+
+def _core_bwd(num_segments, chunk, has_g, config, res, cts):
+    do, dfinal = cts
+    use_pallas = config.bwd == "pallas" and _backend(config) == "triton" and res[-1] is not None
+    if use_pallas:
+        from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
+        grads = triton_bwd.backward(res, do, dfinal, num_segments=num_segments, chunk=chunk,
+                                    has_g=has_g, config=config, interpret=_interpret())
+    else:
+        grads = _xla_vjp(res, (do, dfinal), num_segments, chunk, has_g)
+    dq, dk, dv, dg, dbeta, dinit = grads
+    if not has_g:
+        dg = jnp.zeros_like(res[3])
+    return dq, dk, dv, dg, dbeta, dinit, None
+
+
+_gated_delta_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=None,
+                       output_final_state: bool = False, config: Config | None = None):
+    """Chunked (gated) delta rule on a packed stream with the Pallas kernels.  See module doc."""
+    config = config or get_default_config()
+    chunk = layout.chunk_size
+    if q.shape[1] != layout.num_chunks * chunk:
+        raise ValueError(f"stream length {q.shape[1]} != num_chunks * chunk_size "
+                         f"({layout.num_chunks} * {chunk})")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"the Pallas kernels need a power-of-two chunk size >= 16, got {chunk}")
+    has_g = g is not None
+    g_arr = g.astype(F32) if has_g else jnp.zeros(beta.shape, F32)
+    init = None if initial_state is None else initial_state.astype(F32)
+    o, final = _gated_delta_core(q, k, v, g_arr, beta, init, layout.chunk_segment.astype(jnp.int32),
+                                 layout.num_segments, chunk, has_g, config)
+    return o, (final if output_final_state else None)
+
+
+def gated_delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state):
+    """Registered for rule "gated_delta"."""
+    return gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state)
+
+
+def delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state):
+    """Registered for rule "delta" (g is None: no decay)."""
+    return gated_delta_packed(q, k, v, None, beta, layout, initial_state, output_final_state)

@@ -1,0 +1,140 @@
+"""Pieces shared by the Triton (GPU) and Mosaic (TPU) gated-delta kernels.
+
+Notation inside one chunk of C tokens (see ``mom_jax.ops.chunked`` for the derivation):
+  G_i = sum_{t <= i} g_t (chunk-local cumulative log-decay), A_ij = b_i exp(G_i - G_j) k_i.k_j (j < i),
+  T = (I + A)^-1, W = T diag(b e^G) K, U = T diag(b) V - W S0,
+  O = diag(e^G) Q S0 + (tril(e^{G_i - G_j}) * Q K^T) U,
+  S_C = e^{G_C} S0 + (diag(e^{G_C - G}) K)^T U.
+
+The unit-lower-triangular inverse T is computed by ``ut_inverse``: forward substitution inside
+16 x 16 diagonal blocks (all blocks at once, one rank-1 update per step on the whole C x C tile), then
+block doubling  X <- X - X L X  (L = the strictly-block-lower part of A at the next level).  This is
+block forward substitution, as stable as the scalar one.  The product form (I+N)(I+N^2)(I+N^4)... is
+*not* used: with correlated keys (k_i.k_j ~ 0.9, common after the SiLU short conv) the powers N^(2^m)
+grow to ~1e9 while T stays O(1), and float32 results are garbage (see NOTES_kernels.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mom_jax.ops.common import PackedLayout
+
+F32 = jnp.float32
+SUB_BLOCK = 16
+
+
+def iota2(n: int, m: int, dim: int) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, (n, m), dim)
+
+
+def mm(a, b, precision=None, *, ta=False, tb=False):
+    """a @ b with optional transposes, float32 accumulation.
+
+    precision: a ``jax.lax.Precision``/``DotAlgorithmPreset`` or the string "bf16" (operands cast to
+    bfloat16, float32 accumulation).
+    """
+    if precision == "bf16":
+        a = a.astype(jnp.bfloat16)
+        b = b.astype(jnp.bfloat16)
+        precision = None
+    dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def ut_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST, sub: int = SUB_BLOCK) -> jax.Array:
+    """(I + a)^-1 for a strictly lower-triangular float32 [C, C] tile (C a power of two >= 16).
+
+    Works inside Pallas kernel bodies (only iota, where, sums, dots and a fori_loop).
+    """
+    c = a.shape[0]
+    sub = min(sub, c)
+    assert c % sub == 0 and (c // sub) & (c // sub - 1) == 0, (c, sub)
+    row, col = iota2(c, c, 0), iota2(c, c, 1)
+    row_blk, col_blk = row // sub, col // sub
+    same = row_blk == col_blk
+    a_bd = jnp.where(same, a, 0.0)
+    x = jnp.where(row == col, 1.0, 0.0).astype(F32)
+
+    def step(r, x):
+        # Row j = sub*blk + r of every diagonal block is final: eliminate it from the rows below it.
+        xr = jnp.sum(jnp.where(row == col_blk * sub + r, x, 0.0), axis=0)      # x[j(l), l]
+        ar = jnp.sum(jnp.where(col == row_blk * sub + r, a_bd, 0.0), axis=1)   # a[i, j(i)]
+        return x - jnp.where(same, ar[:, None] * xr[None, :], 0.0)
+
+    x = jax.lax.fori_loop(0, sub - 1, step, x)
+    size = sub
+    while size < c:
+        size *= 2
+        half = size // 2
+        low = (row // size == col // size) & (row // half > col // half)
+        lo = jnp.where(low, a, 0.0)
+        x = x - mm(x, mm(lo, x, precision), precision)
+    return x
+
+
+def strict_a(k: jax.Array, beta: jax.Array, gcum: jax.Array, precision=jax.lax.Precision.HIGHEST):
+    """A_ij = b_i exp(G_i - G_j) k_i.k_j for j < i, else 0 ([C, C], float32)."""
+    c = k.shape[0]
+    row, col = iota2(c, c, 0), iota2(c, c, 1)
+    strict = row > col
+    kk = mm(k, k, precision, tb=True)
+    dec = jnp.exp(jnp.where(strict, gcum[:, None] - gcum[None, :], 0.0))
+    return jnp.where(strict, beta[:, None] * kk * dec, 0.0)
+
+
+def causal_decay(gcum: jax.Array) -> jax.Array:
+    """D_ij = exp(G_i - G_j) for j <= i, else 0 ([C, C])."""
+    c = gcum.shape[0]
+    row, col = iota2(c, c, 0), iota2(c, c, 1)
+    incl = row >= col
+    return jnp.where(incl, jnp.exp(jnp.where(incl, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout helpers (plain XLA, run outside the kernels)
+# ------------------------------------------------------------------------------------------------
+
+def chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
+    """Chunk-local inclusive cumsum of g [B, L, H] along L, float32."""
+    b, l, h = g.shape
+    gc = jnp.cumsum(g.astype(F32).reshape(b, l // chunk, chunk, h), axis=2)
+    return gc.reshape(b, l, h)
+
+
+def segment_ranges(layout: PackedLayout):
+    """Per (row, segment): the chunk range [lo, hi) that holds it (lo = hi = 0 when empty).
+
+    Returns (lo [B*S], hi [B*S], seg [B, Nc], first [B, Nc]) as int32.  A program walking [lo, hi)
+    processes only the chunks whose index equals its segment and resets to the initial state at
+    every chunk that starts a run (so even a segment split into several runs matches the reference).
+    """
+    seg = layout.chunk_segment.astype(jnp.int32)
+    b, nc = seg.shape
+    s = layout.num_segments
+    c_idx = jnp.broadcast_to(jnp.arange(nc, dtype=jnp.int32), (b, nc))
+    r_idx = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, nc))
+    tgt = jnp.where(seg >= 0, seg, s)  # out of range -> dropped
+    lo = jnp.full((b, s), nc, jnp.int32).at[r_idx, tgt].min(c_idx, mode="drop")
+    hi = jnp.zeros((b, s), jnp.int32).at[r_idx, tgt].max(c_idx + 1, mode="drop")
+    lo = jnp.minimum(lo, hi)
+    first = layout.chunk_first().astype(jnp.int32)
+    return lo.reshape(-1), hi.reshape(-1), seg, first
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pad_last(x: jax.Array, size: int) -> jax.Array:
+    if x.shape[-1] == size:
+        return x
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
+    return jnp.pad(x, pad)
+
+
+def float64_inverse_check(a: np.ndarray) -> np.ndarray:
+    """Reference (I + a)^-1 in float64 (for tests and notes)."""
+    a = np.asarray(a, np.float64)
+    return np.linalg.inv(np.eye(a.shape[-1]) + a)
