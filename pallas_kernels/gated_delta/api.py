@@ -39,7 +39,7 @@ class Config:
     block_v: int | None = None
     num_warps: int = 4
     num_stages: int = 2
-    bwd: str = "xla"
+    bwd: str = "pallas"
     bwd_block_v: int | None = None
     bwd_num_warps: int = 4
 
@@ -87,8 +87,9 @@ def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16):
     return q, k, v, beta_t, gcum_t, init
 
 
-def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config):
-    """Runs the forward kernels; returns (o, final, residuals for the Pallas backward)."""
+def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config,
+             for_bwd: bool = False):
+    """Runs the forward kernels; returns (o, final, residuals for the Pallas backward or None)."""
     from pallas_kernels.gated_delta import triton_fwd, mosaic  # noqa: PLC0415
 
     layout = PackedLayout(chunk_segment, num_segments, chunk)
@@ -103,11 +104,14 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     block_v = min(dvp, config.block_v or 64)
     lo, hi, seg, first = cm.segment_ranges(layout)
     t = triton_fwd.ut_transform(kp, beta_t, gcum_t, chunk, interpret=interpret)
-    o, final = triton_fwd.chunk_recurrence(
+    store_h = for_bwd and config.bwd == "pallas"
+    o, final, h = triton_fwd.chunk_recurrence(
         qp, kp, vp, beta_t, gcum_t, t, initp, lo, hi, seg, first, chunk=chunk,
         num_segments=num_segments, block_v=block_v, precision=config.precision,
-        interpret=interpret, num_warps=config.num_warps, num_stages=config.num_stages)
-    return o[..., :dv], final[..., :dk, :dv], (t, beta_t, gcum_t)
+        interpret=interpret, num_warps=config.num_warps, num_stages=config.num_stages,
+        store_h=store_h)
+    extra = (qp, kp, vp, beta_t, gcum_t, t, h, lo, hi, seg, first) if store_h else None
+    return o[..., :dv], final[..., :dk, :dv], extra
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ def _gated_delta_core(q, k, v, g, beta, init, chunk_segment, num_segments, chunk
 
 def _core_fwd(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config):
     o, final, extra = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
-                               num_segments, chunk, config)
+                               num_segments, chunk, config, for_bwd=True)
     return (o, final), (q, k, v, g, beta, init, chunk_segment, extra)
 
 

@@ -90,14 +90,14 @@ def chunk_step(q, k, v, beta, gcum, gl, t, state, precision):
     return o, new_state, u
 
 
-def _recurrence_kernel(*refs, chunk, num_segments, has_init, precision):
-    if has_init:
-        (lo_ref, hi_ref, seg_ref, first_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, init_ref,
-         _o_in, o_ref, final_ref) = refs
-    else:
-        (lo_ref, hi_ref, seg_ref, first_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref,
-         _o_in, o_ref, final_ref) = refs
-        init_ref = None
+def _recurrence_kernel(*refs, chunk, num_segments, has_init, store_h, precision):
+    refs = list(refs)
+    h_ref = refs.pop() if store_h else None
+    final_ref = refs.pop()
+    o_ref = refs.pop()
+    refs.pop()  # the zero-filled buffer aliased to o
+    init_ref = refs.pop() if has_init else None
+    lo_ref, hi_ref, seg_ref, first_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref = refs
     p = pl.program_id(0)
     s = p % num_segments
     lo = lo_ref[p]
@@ -111,6 +111,8 @@ def _recurrence_kernel(*refs, chunk, num_segments, has_init, precision):
 
     def run_chunk(c, state):
         state = jax.lax.cond(first_ref[c] != 0, load_init, lambda: state)
+        if h_ref is not None:
+            h_ref[c] = state
         rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
         q = q_ref[rows, :].astype(F32)
         k = k_ref[rows, :].astype(F32)
@@ -132,10 +134,13 @@ def _recurrence_kernel(*refs, chunk, num_segments, has_init, precision):
 
 def chunk_recurrence(q, k, v, beta_t, gcum_t, t, init, lo, hi, seg, first, *, chunk: int,
                      num_segments: int, block_v: int, precision: str = "tf32",
-                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
+                     store_h: bool = False):
     """Runs the state walk.  Shapes: q, k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L];
     t [B, H, L, C]; init [B, S, H, dk, dv] or None; lo, hi [B*S]; seg, first [B, Nc].
-    Returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv] float32)."""
+    Returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv] float32, h) where h (only with
+    store_h, else None) is [B, H, Nc, dk, dv] float32: the state at the start of every visited chunk
+    (for the backward pass; entries of unvisited chunks are undefined)."""
     b, l, h, dk = q.shape
     dv = v.shape[-1]
     s = num_segments
@@ -165,17 +170,22 @@ def chunk_recurrence(q, k, v, beta_t, gcum_t, t, init, lo, hi, seg, first, *, ch
     in_specs.append(o_spec)
     args.append(jnp.zeros((b, l, h, dv), F32))
     kernel = functools.partial(_recurrence_kernel, chunk=chunk, num_segments=s,
-                               has_init=init is not None, precision=prec)
-    o, final = pl.pallas_call(
+                               has_init=init is not None, store_h=store_h, precision=prec)
+    out_shape = [jax.ShapeDtypeStruct((b, l, h, dv), F32), jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)]
+    out_specs = [o_spec, state_spec]
+    if store_h:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32))
+        out_specs.append(pl.BlockSpec((None, None, nc, dk, block_v),
+                                      lambda p, i, j: (row(p), i, 0, 0, j)))
+    outs = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, l, h, dv), F32),
-                   jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)),
+        out_shape=tuple(out_shape),
         grid=(b * s, h, nv),
         in_specs=in_specs,
-        out_specs=(o_spec, state_spec),
+        out_specs=tuple(out_specs),
         input_output_aliases={len(args) - 1: 0},
         compiler_params=_triton_params(num_warps, num_stages),
         interpret=interpret,
         name="gdn_chunk_recurrence",
     )(*args)
-    return o, final
+    return outs[0], outs[1], (outs[2] if store_h else None)

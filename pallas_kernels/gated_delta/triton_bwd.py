@@ -1,0 +1,234 @@
+"""Backward kernel of the chunked gated delta rule in Pallas with Triton lowering (GPU).
+
+The recurrence is separable over value columns: the state's columns evolve independently, so a
+program (row*segment, head, value block j) can walk its segment's chunks *backwards* carrying only
+dS_j = dL/dS[:, block j] ([dk, BV]).  The state at each chunk start comes from the forward pass
+(``h``).  Per chunk (S0 = h, dS = gradient w.r.t. the state after the chunk), recomputing
+W = T Kb (Kb = diag(b e^G) K), u = T Vb - W S0 (Vb = diag(b) V), P = (Q K^T) * D:
+
+  du   = P^T dO + Kd dS                              (Kd = diag(e^{G_C - G}) K)
+  dS0  = (diag(e^G) Q)^T dO + e^{G_C} dS - W^T du    (carried to the previous chunk)
+  dP   = dO u^T;  dQ = (dP*D) K + diag(e^G) dO S0^T;  dK = (dP*D)^T Q + diag(e^{G_C-G}) u dS^T
+  dW   = -du S0^T;  dT = dW Kb^T + du Vb^T;  dKb = T^T dW;  dVb = T^T du;  dV = diag(b) dVb
+  dA   = -T^T dT T^T (strictly lower);  A = b_i (K K^T)_ij E_ij  ->  dK += dA' K + dA'^T K, dA' = b*E*dA
+  dbeta, dG (w.r.t. the chunk-local cumulative log-decay) collect the remaining terms.
+
+dq, dk, dbeta and dG are sums over value blocks: each program writes its block's share into a
+[NV, ...] array and XLA adds them (and turns dG into dg by a reverse cumsum inside each chunk).
+dv and d(initial state) are complete per block.  At a chunk that ends the segment's last run,
+dS = d(final state); at the end of an earlier run (only for a segment split into several runs) dS = 0;
+at a chunk that starts a run, dS0 is added to d(initial state).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gated_delta import common as cm
+from pallas_kernels.gated_delta.triton_fwd import _triton_params, resolve_precision
+
+F32 = jnp.float32
+
+
+def chunk_step_bwd(q, k, v, beta, gcum, gl, t, s0, do, ds, precision):
+    """Gradients of one chunk.  Returns (dq, dk, dv, dbeta, dG, dS0); dq/dk/dbeta/dG are this value
+    block's shares.  dG is w.r.t. the chunk-local cumulative log-decay G (incl. the G_C terms)."""
+    mm = functools.partial(cm.mm, precision=precision)
+    c = q.shape[0]
+    row, col = cm.iota2(c, c, 0), cm.iota2(c, c, 1)
+    strict = row > col
+    eg = jnp.exp(gcum)
+    egl = jnp.exp(gl)
+    kb = k * (beta * eg)[:, None]
+    vb = v * beta[:, None]
+    w = mm(t, kb)
+    u = mm(t, vb) - mm(w, s0)
+    dmat = cm.causal_decay(gcum)
+    p = mm(q, k, tb=True) * dmat
+    ekd = jnp.exp(gl - gcum)
+    kd = k * ekd[:, None]
+
+    du = mm(p, do, ta=True) + mm(kd, ds)
+    ds0 = mm(q * eg[:, None], do, ta=True) + egl * ds - mm(w, du, ta=True)
+    dp = mm(do, u, tb=True)
+    dpd = dp * dmat
+    do_s0 = mm(do, s0, tb=True)                     # [C, dk]
+    dq = mm(dpd, k) + eg[:, None] * do_s0
+    u_ds = mm(u, ds, tb=True)                       # [C, dk] = d kd
+    dk = mm(dpd, q, ta=True) + ekd[:, None] * u_ds
+    dw = -mm(du, s0, tb=True)
+    dt = mm(dw, kb, tb=True) + mm(du, vb, tb=True)
+    dkb = mm(t, dw, ta=True)
+    dvb = mm(t, du, ta=True)
+    dv = dvb * beta[:, None]
+    dk = dk + dkb * (beta * eg)[:, None]
+    da = -mm(mm(t, dt, ta=True), t, tb=True)
+    kk = mm(k, k, tb=True)
+    e = jnp.exp(jnp.where(strict, gcum[:, None] - gcum[None, :], 0.0))
+    dae = jnp.where(strict, da * e, 0.0)
+    dkk = dae * beta[:, None]
+    dk = dk + mm(dkk, k) + mm(dkk, k, ta=True)
+
+    dbeta = (jnp.sum(dvb * v, axis=1) + jnp.sum(dkb * k, axis=1) * eg + jnp.sum(dae * kk, axis=1))
+    m_p = dp * p
+    m_a = dae * kk * beta[:, None]                  # dA * A
+    kd_term = jnp.sum(kd * u_ds, axis=1)
+    dg = (jnp.sum(dkb * kb, axis=1) + jnp.sum(do_s0 * q, axis=1) * eg
+          + jnp.sum(m_p, axis=1) - jnp.sum(m_p, axis=0)
+          + jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0)
+          - kd_term)
+    g_last = jnp.sum(kd_term) + egl * jnp.sum(ds * s0)
+    dg = dg + jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, g_last, 0.0)
+    return dq, dk, dv, dbeta, dg, ds0
+
+
+def _bwd_kernel(*refs, chunk, num_segments, has_init, precision):
+    refs = list(refs)
+    dinit_ref = refs.pop() if has_init else None
+    dg_ref, dbeta_ref, dv_ref, dk_ref, dq_ref = (refs.pop() for _ in range(5))
+    refs.pop()  # zeros aliased to dv
+    if has_init:
+        refs.pop()  # zeros aliased to dinit
+    (lo_ref, hi_ref, seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref,
+     h_ref, do_ref, dfinal_ref) = refs
+    p_id = pl.program_id(0)
+    s = p_id % num_segments
+    lo = lo_ref[p_id]
+    hi = hi_ref[p_id]
+    dk_dim, bv = dfinal_ref.shape
+
+    def run_chunk(c, ds):
+        ds = jax.lax.cond(c == hi - 1, lambda: dfinal_ref[...].astype(F32),
+                          lambda: jnp.where(last_ref[c] != 0, 0.0, ds))
+        rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        q = q_ref[rows, :].astype(F32)
+        k = k_ref[rows, :].astype(F32)
+        v = v_ref[rows, :].astype(F32)
+        beta = beta_ref[rows].astype(F32)
+        gcum = g_ref[rows]
+        gl = g_ref[c * chunk + chunk - 1]
+        t = t_ref[rows, :]
+        s0 = h_ref[c]
+        do = do_ref[rows, :].astype(F32)
+        dq, dk, dv, dbeta, dg, ds0 = chunk_step_bwd(q, k, v, beta, gcum, gl, t, s0, do, ds,
+                                                    precision)
+        dq_ref[rows, :] = dq
+        dk_ref[rows, :] = dk
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        dbeta_ref[rows] = dbeta
+        dg_ref[rows] = dg
+        if dinit_ref is not None:
+            @pl.when(first_ref[c] != 0)
+            def _():
+                dinit_ref[...] = dinit_ref[...] + ds0
+        return ds0
+
+    def body(i, ds):
+        c = hi - 1 - i
+        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, ds)
+
+    jax.lax.fori_loop(0, hi - lo, body, jnp.zeros((dk_dim, bv), F32))
+
+
+def backward_call(q, k, v, beta_t, gcum_t, t, h, do, dfinal, lo, hi, seg, first, last, *,
+                  chunk, num_segments, block_v, has_init, precision="tf32", interpret=False,
+                  num_warps=4, num_stages=1):
+    """Returns (dq_parts [NV,B,L,H,dk], dk_parts, dv [B,L,H,dv] f32, dbeta_parts [NV,B,H,L],
+    dG_parts [NV,B,H,L], dinit [B,S,H,dk,dv] or None).  Parts hold garbage on unvisited chunks."""
+    b, l, hh, dk = q.shape
+    dv = v.shape[-1]
+    s = num_segments
+    nv = dv // block_v
+    nc = l // chunk
+    prec = resolve_precision(precision, interpret)
+    row = lambda p: p // s  # noqa: E731
+    seq = lambda last_dim, blk: pl.BlockSpec(  # noqa: E731
+        (None, l, None, last_dim), lambda p, i, j: (row(p), 0, i, j if blk else 0))
+    gate = pl.BlockSpec((None, None, l), lambda p, i, j: (row(p), i, 0))
+    flags = pl.BlockSpec((None, nc), lambda p, i, j: (row(p), 0))
+    state_spec = pl.BlockSpec((None, None, None, dk, block_v), lambda p, i, j: (row(p), p % s, i, 0, j))
+    in_specs = [
+        pl.BlockSpec((b * s,), lambda p, i, j: (0,)), pl.BlockSpec((b * s,), lambda p, i, j: (0,)),
+        flags, flags, flags,
+        seq(dk, False), seq(dk, False), seq(block_v, True), gate, gate,
+        pl.BlockSpec((None, None, l, chunk), lambda p, i, j: (row(p), i, 0, 0)),
+        pl.BlockSpec((None, None, nc, dk, block_v), lambda p, i, j: (row(p), i, 0, 0, j)),
+        seq(block_v, True), state_spec,
+    ]
+    args = [lo, hi, seg, first, last, q, k, v, beta_t, gcum_t, t, h, do, dfinal]
+    n_in = len(args)
+    aliases = {}
+    if has_init:
+        in_specs.append(state_spec)
+        args.append(jnp.zeros((b, s, hh, dk, dv), F32))
+    in_specs.append(seq(block_v, True))
+    args.append(jnp.zeros((b, l, hh, dv), F32))
+    part = lambda last_dim: pl.BlockSpec(  # noqa: E731
+        (None, None, l, None, last_dim), lambda p, i, j: (j, row(p), 0, i, 0))
+    gate_part = pl.BlockSpec((None, None, None, l), lambda p, i, j: (j, row(p), i, 0))
+    out_shape = [jax.ShapeDtypeStruct((nv, b, l, hh, dk), F32),
+                 jax.ShapeDtypeStruct((nv, b, l, hh, dk), F32),
+                 jax.ShapeDtypeStruct((b, l, hh, dv), F32),
+                 jax.ShapeDtypeStruct((nv, b, hh, l), F32),
+                 jax.ShapeDtypeStruct((nv, b, hh, l), F32)]
+    out_specs = [part(dk), part(dk), seq(block_v, True), gate_part, gate_part]
+    aliases[len(args) - 1] = 2
+    if has_init:
+        out_shape.append(jax.ShapeDtypeStruct((b, s, hh, dk, dv), F32))
+        out_specs.append(state_spec)
+        aliases[n_in] = 5
+    kernel = functools.partial(_bwd_kernel, chunk=chunk, num_segments=s, has_init=has_init,
+                               precision=prec)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(b * s, hh, nv),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        input_output_aliases=aliases,
+        compiler_params=_triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name="gdn_chunk_backward",
+    )(*args)
+    return tuple(outs) + ((None,) if not has_init else ())
+
+
+def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
+    """Gradients (dq, dk, dv, dg, dbeta, dinit) for ``api._gated_delta_core`` from its residuals."""
+    from mom_jax.ops.common import PackedLayout  # noqa: PLC0415
+
+    q, k, v, g, beta, init, chunk_segment, extra = res
+    (qp, kp, vp, beta_t, gcum_t, t, h, lo, hi, seg, first) = extra
+    b, l, hh, dk = q.shape
+    dv = v.shape[-1]
+    dkp, dvp = qp.shape[-1], vp.shape[-1]
+    layout = PackedLayout(chunk_segment, num_segments, chunk)
+    last = layout.chunk_last().astype(jnp.int32)
+    block_v = min(dvp, config.bwd_block_v or config.block_v or 64)
+    has_init = init is not None
+    do_p = cm.pad_last(do.astype(F32), dvp)
+    dfinal_p = cm.pad_last(dfinal.astype(F32), dvp)
+    if dkp != dk:
+        dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
+    dq_p, dk_p, dv_, dbeta_p, dg_p, dinit = backward_call(
+        qp, kp, vp, beta_t, gcum_t, t, h, do_p, dfinal_p, lo, hi, seg, first, last,
+        chunk=chunk, num_segments=num_segments, block_v=block_v, has_init=has_init,
+        precision=config.precision, interpret=interpret, num_warps=config.bwd_num_warps)
+    used = jnp.repeat(chunk_segment >= 0, chunk, axis=1)            # [B, L]
+    dq = jnp.sum(jnp.where(used[None, :, :, None, None], dq_p, 0.0), axis=0)[..., :dk]
+    dk_ = jnp.sum(jnp.where(used[None, :, :, None, None], dk_p, 0.0), axis=0)[..., :dk]
+    used_t = used[None, :, None, :]
+    dbeta = jnp.transpose(jnp.sum(jnp.where(used_t, dbeta_p, 0.0), axis=0), (0, 2, 1))
+    dgc = jnp.sum(jnp.where(used_t, dg_p, 0.0), axis=0)              # [B, H, L] w.r.t. G
+    dgc = dgc.reshape(b, hh, l // chunk, chunk)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), axis=-1), -1).reshape(b, hh, l)
+    dg = jnp.transpose(dg, (0, 2, 1))
+    dv_ = dv_[..., :dv]
+    if has_init:
+        empty = (hi <= lo).reshape(b, num_segments)[:, :, None, None, None]
+        dinit = jnp.where(empty, dfinal.astype(F32), dinit[..., :dk, :dv])
+    return (dq.astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype),
+            dg.astype(g.dtype) if has_g else None, dbeta.astype(beta.dtype), dinit)
