@@ -1,0 +1,220 @@
+"""Gated delta rule kernel: Pallas (Triton lowering) vs the chunked XLA form, forward and fwd+bwd.
+
+Usage (GPU machine):
+  PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gated_delta_kernel.py --out DIR
+      [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--sweep] [--budget-s 300]
+
+What it does, in one process:
+  1. correctness at every shape: Pallas output (bf16 q/k/v, the timed path) against the float32
+     token-by-token scan (highest matmul precision), relative error ||a-b||/||b||, NaN check; Pallas
+     gradients of q, k, v, g, beta against the float32 chunked XLA form's gradients (same inputs);
+  2. timing: jit once, 3 warm-up calls, then --repeats calls each ended by jax.block_until_ready;
+     median (min, max) in ms, Pallas and XLA side by side, fwd and fwd+bwd (value_and_grad of
+     sum(o * r), r random, w.r.t. q, k, v, g, beta);
+  3. --sweep: kernel configurations (--variants, JSON Config fields) at --sweep-shapes (indices).
+Inputs are random (never zeros): q, k, v ~ N(0,1) in bf16, g = log_sigmoid(N(0,1)*1.5 + 2.5) (fp32),
+beta = sigmoid(N(0,1)).  The API L2-normalises q, k and scales q by dk**-0.5 for both impls.
+Results: DIR/bench_gated_delta_kernel.json and .md (written after every measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mom_jax import ops  # noqa: E402
+from mom_jax.ops import common as ops_common  # noqa: E402
+from mom_jax.ops import scan as ops_scan  # noqa: E402
+import pallas_kernels  # noqa: E402,F401
+from pallas_kernels.gated_delta import api as gd_api  # noqa: E402
+
+DEFAULT_SHAPES = ["8,2048,4,256,256", "8,2048,16,128,128", "2,16384,16,128,128"]
+T0 = time.time()
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_inputs(shape, seed=0):
+    b, t, h, dk, dv = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (b, t, h, dk), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, t, h, dk), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, t, h, dv), jnp.bfloat16)
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[3], (b, t, h)) + 2.5)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+    r = jax.random.normal(ks[5], (b, t, h, dv), jnp.float32)
+    return (q, k, v, g, beta), r
+
+
+def time_fn(fn, args, repeats):
+    jax.block_until_ready(fn(*args))
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "n": repeats}
+
+
+def make_fns(impl, r):
+    def fwd(q, k, v, g, beta):
+        return ops.gated_delta_rule(q, k, v, g, beta, impl=impl)[0]
+
+    def loss(q, k, v, g, beta):
+        return jnp.sum(fwd(q, k, v, g, beta).astype(jnp.float32) * r)
+
+    return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def scan_reference(inputs):
+    q, k, v, g, beta = inputs
+    b, t, h, dk = q.shape
+    with jax.default_matmul_precision("highest"):
+        qn = ops_common.l2norm(q) * dk ** -0.5
+        kn = ops_common.l2norm(k)
+        start = jnp.zeros((b, t), bool).at[:, 0].set(True)
+        segment = jnp.zeros((b, t), jnp.int32)
+        f = jax.jit(lambda *a: ops_scan.recurrent_scan(
+            a[0], a[1], a[2], g=a[3], beta=a[4], delta=True, token_start=start,
+            token_segment=segment, num_segments=1)[0])
+        return f(qn, kn, v.astype(jnp.float32), g, beta)
+
+
+class Results:
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.data = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                     "jax": jax.__version__, "config": dataclasses.asdict(gd_api.get_default_config()),
+                     "correctness": [], "timing": [], "sweep": [], "errors": []}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def add(self, kind, row):
+        row = dict(row, elapsed_s=round(time.time() - T0, 1))
+        self.data[kind].append(row)
+        print(kind, json.dumps(row), flush=True)
+        self.save()
+
+    def save(self):
+        with open(os.path.join(self.out_dir, "bench_gated_delta_kernel.json"), "w") as f:
+            json.dump(self.data, f, indent=1)
+        lines = [f"# gated delta rule kernel, {self.data['device']} (jax {self.data['jax']})", "",
+                 "| B,T,H,dk,dv | pallas fwd ms | xla fwd ms | pallas fwd+bwd ms | xla fwd+bwd ms |",
+                 "| --- | --- | --- | --- | --- |"]
+        by = {}
+        for r in self.data["timing"]:
+            by.setdefault(r["shape"], {})[(r["impl"], r["what"])] = r["median_ms"]
+        for shape, d in by.items():
+            cells = [d.get((i, w)) for i, w in (("pallas", "fwd"), ("xla", "fwd"),
+                                                 ("pallas", "fwdbwd"), ("xla", "fwdbwd"))]
+            lines.append(f"| {shape} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
+                         + " |")
+        lines += ["", "| B,T,H,dk,dv | o vs fp32 scan | grads vs fp32 XLA (q,k,v,g,beta) | NaN |",
+                  "| --- | --- | --- | --- |"]
+        for r in self.data["correctness"]:
+            lines.append(f"| {r['shape']} | {r.get('o_rel_vs_scan', '-')} | {r.get('grad_rel', '-')} | "
+                         f"{r.get('nan', '-')} |")
+        if self.data["sweep"]:
+            lines += ["", "| config | shape | fwd ms | fwd+bwd ms |", "| --- | --- | --- | --- |"]
+            for r in self.data["sweep"]:
+                lines.append(f"| {r['config']} | {r['shape']} | {r.get('fwd_ms', '-')} | "
+                             f"{r.get('fwdbwd_ms', '-')} |")
+        with open(os.path.join(self.out_dir, "bench_gated_delta_kernel.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--variants", nargs="*", default=[
+        '{"block_v": 32}', '{"block_v": 64, "num_warps": 8}', '{"precision": "bf16"}',
+        '{"block_v": 32, "num_warps": 8, "bwd_num_warps": 8}'])
+    ap.add_argument("--sweep-shapes", nargs="*", type=int, default=[0, 2])
+    args = ap.parse_args()
+    res = Results(args.out)
+    print("device:", res.data["device"], "backend:", res.data["backend"], flush=True)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+
+    for shape in shapes:
+        name = ",".join(map(str, shape))
+        inputs, r = make_inputs(shape)
+        pf, pg = make_fns("pallas", r)
+        xf, xg = make_fns("xla", r)
+        if not args.no_check:
+            try:
+                row = {"shape": name}
+                o = pf(*inputs)
+                row["nan"] = bool(jnp.isnan(o).any())
+                ref = scan_reference(inputs)
+                row["o_rel_vs_scan"] = round(rel_err(o, ref), 6)
+                row["xla_o_rel_vs_scan"] = round(rel_err(xf(*inputs), ref), 6)
+                del ref
+                f32_inputs = tuple(x.astype(jnp.float32) for x in inputs)
+                _, gp = pg(*inputs)
+                with jax.default_matmul_precision("highest"):
+                    _, gx = make_fns("xla", r)[1](*f32_inputs)
+                row["grad_rel"] = [round(rel_err(a, b), 6) for a, b in zip(gp, gx)]
+                row["grad_nan"] = bool(any(bool(jnp.isnan(a).any()) for a in gp))
+                res.add("correctness", row)
+            except Exception as e:  # noqa: BLE001
+                res.add("errors", {"shape": name, "stage": "check", "error": repr(e)[:2000]})
+                traceback.print_exc()
+        for impl, f, g in (("pallas", pf, pg), ("xla", xf, xg)):
+            for what, fn in (("fwd", f), ("fwdbwd", g)):
+                try:
+                    res.add("timing", dict(shape=name, impl=impl, what=what,
+                                           **time_fn(fn, inputs, args.repeats)))
+                except Exception as e:  # noqa: BLE001
+                    res.add("errors", {"shape": name, "impl": impl, "what": what,
+                                       "error": repr(e)[:2000]})
+                    traceback.print_exc()
+
+    if args.sweep:
+        base = gd_api.get_default_config()
+        variants = [json.loads(v) for v in args.variants]
+        sweep_shapes = [shapes[i] for i in args.sweep_shapes if i < len(shapes)]
+        for var in variants:
+            for shape in sweep_shapes:
+                if time.time() - T0 > args.budget_s:
+                    res.add("errors", {"stage": "sweep", "error": "time budget reached"})
+                    break
+                name = ",".join(map(str, shape))
+                gd_api.set_default_config(dataclasses.replace(base, **var))
+                inputs, r = make_inputs(shape)
+                pf, pg = make_fns("pallas", r)
+                row = {"config": json.dumps(var), "shape": name}
+                try:
+                    o = pf(*inputs)
+                    row["nan"] = bool(jnp.isnan(o).any())
+                    row["fwd_ms"] = round(time_fn(pf, inputs, args.repeats)["median_ms"], 4)
+                    row["fwdbwd_ms"] = round(time_fn(pg, inputs, args.repeats)["median_ms"], 4)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = repr(e)[:1500]
+                res.add("sweep", row)
+        gd_api.set_default_config(base)
+    print(open(os.path.join(args.out, "bench_gated_delta_kernel.md")).read())
+
+
+if __name__ == "__main__":
+    main()
