@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up the environment (if needed) and runs the main job on the CPU.
+#   usage: bash scripts/demo.sh [flags of experiments/demo.py]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=$(bash scripts/setup.sh | tail -n 1)
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+exec "$PY" -m experiments.demo "$@"
