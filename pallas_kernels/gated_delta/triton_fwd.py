@@ -48,18 +48,22 @@ def _triton_params(num_warps, num_stages):
 # Kernel 1: T = (I + A)^-1 per chunk
 # ------------------------------------------------------------------------------------------------
 
-def _ut_kernel(k_ref, beta_ref, g_ref, t_ref):
+def _ut_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
     k = k_ref[...].astype(F32)
-    a = cm.strict_a(k, beta_ref[...].astype(F32), g_ref[...], HIGHEST)
-    t_ref[...] = cm.ut_inverse(a, HIGHEST)
+    a = cm.strict_a(k, beta_ref[...].astype(F32), g_ref[...], precision)
+    t_ref[...] = cm.ut_inverse(a, precision)
 
 
-def ut_transform(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4):
-    """k [B, L, H, dk]; beta_t, gcum_t [B, H, L] -> T [B, H, L, C] float32."""
+def ut_transform(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
+                 precision: str = "tf32x3"):
+    """k [B, L, H, dk]; beta_t, gcum_t [B, H, L] -> T [B, H, L, C] float32.
+
+    precision: "tf32x3" (three tf32 tensor-core passes, ~fp32 accuracy) or "ieee" (FMA dots; these
+    spill heavily at dk >= 128, see NOTES_kernels.md)."""
     b, l, h, dk = k.shape
     nc = l // chunk
     return pl.pallas_call(
-        _ut_kernel,
+        functools.partial(_ut_kernel, precision=resolve_precision(precision, interpret)),
         out_shape=jax.ShapeDtypeStruct((b, h, l, chunk), F32),
         grid=(b, nc, h),
         in_specs=[

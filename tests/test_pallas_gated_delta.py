@@ -1,0 +1,262 @@
+"""Pallas gated delta rule kernels (pallas_kernels.gated_delta) against the token-by-token scan.
+
+CPU only: the Triton kernels run with ``interpret=True``, the Mosaic (TPU) kernels in TPU interpret
+mode.  Inputs are random (never zeros) and small.  Also checks that the Triton kernels lower for CUDA
+and the Mosaic kernels lower for TPU without the hardware.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels  # noqa: F401  (registers the kernels)
+from mom_jax import ops
+from mom_jax.ops import PackedLayout, l2norm
+from mom_jax.ops import api as ops_api
+from pallas_kernels.gated_delta import api as gd_api
+from pallas_kernels.gated_delta import common as cm
+
+F32_REL = 1e-5
+GRAD_REL = 1e-4
+BF16_REL = 1e-2
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    nb = np.linalg.norm(b)
+    assert nb > 0, "reference is all zeros: the comparison would be vacuous"
+    return float(np.linalg.norm(a - b) / nb)
+
+
+# Layouts: (chunk_segment rows, num_segments, token length of every (row, segment)).
+# Covers: a segment spanning many chunks, segments shorter than a chunk (tail slots padded with
+# zeros), empty segments, unused chunks (-1) between and after segments, a segment split into two
+# runs (restarts from its initial state, final state after the last run).
+LAYOUTS = {
+    "long": ([[0, 0, 0, 0, 0, 0]], 1, [[6 * 16]]),
+    "packed": ([[0, 0, 1, -1, 3, 3, 3, -1],
+                [1, 2, 2, 2, 0, -1, -1, -1]], 4, [[20, 5, 0, 40], [9, 16, 48, 0]]),
+    "split_runs": ([[0, 0, 1, 0, -1, 2]], 3, [[32, 7, 16], [0, 0, 0]]),
+}
+
+
+def make_case(name, *, chunk=16, h=2, dk=32, dv=32, seed=0, init=True, gated=True):
+    rows, s, lens = LAYOUTS[name]
+    seg = np.asarray(rows, np.int32)
+    b, nc = seg.shape
+    l = nc * chunk
+    # slot -> used?  tokens of a segment fill its chunks from the start, up to its length; with a
+    # segment split into runs, the length counts over all its chunks in order.
+    used = np.zeros((b, l), bool)
+    for r in range(b):
+        for sid in range(s):
+            n = lens[r][sid] if r < len(lens) else 0
+            for c in np.nonzero(seg[r] == sid)[0]:
+                take = min(n, chunk)
+                used[r, c * chunk: c * chunk + take] = True
+                n -= take
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    m = jnp.asarray(used)
+    q = l2norm(jax.random.normal(ks[0], (b, l, h, dk))) * dk ** -0.5
+    k = l2norm(jax.random.normal(ks[1], (b, l, h, dk))) * m[..., None, None]
+    v = jax.random.normal(ks[2], (b, l, h, dv)) * m[..., None, None]
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[3], (b, l, h)) + 2.5) * m[..., None]
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, l, h))) * m[..., None]
+    h0 = 0.5 * jax.random.normal(ks[5], (b, s, h, dk, dv)) if init else None
+    layout = PackedLayout(jnp.asarray(seg), s, chunk)
+    return dict(q=q, k=k, v=v, g=g if gated else None, beta=beta, h0=h0, layout=layout,
+                rule="gated_delta" if gated else "delta")
+
+
+def run(case, impl, config=None):
+    kw = dict(layout=case["layout"], initial_state=case["h0"], output_final_state=True)
+    if impl == "pallas" and config is not None:
+        return gd_api.gated_delta_packed(case["q"], case["k"], case["v"], case["g"], case["beta"],
+                                         case["layout"], case["h0"], True, config=config)
+    return ops.packed_recurrence(case["rule"], case["q"], case["k"], case["v"], g=case["g"],
+                                 beta=case["beta"], impl=impl, **kw)
+
+
+def jrun(case, impl, config=None):
+    """run() under jax.jit (the rule string stays outside the traced arguments)."""
+    arrays = {n: x for n, x in case.items() if n != "rule"}
+    return jax.jit(lambda a: run(dict(a, rule=case["rule"]), impl, config))(arrays)
+
+
+def grads(case, impl, config=None):
+    ct = jax.random.normal(jax.random.PRNGKey(11), case["v"].shape)
+    b, s = case["layout"].chunk_segment.shape[0], case["layout"].num_segments
+    ctf = jax.random.normal(jax.random.PRNGKey(12), (b, s) + case["q"].shape[2:] + case["v"].shape[-1:])
+    names = [n for n in ("q", "k", "v", "g", "beta", "h0") if case[n] is not None]
+
+    def loss(*arrays):
+        c = dict(case, **dict(zip(names, arrays)))
+        o, final = run(c, impl, config)
+        return jnp.sum(o * ct) + jnp.sum(final * ctf)
+
+    return dict(zip(names, jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(
+        *[case[n] for n in names])))
+
+
+# ------------------------------------------------------------------------------------------------
+# triangular inverse
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("corr", [0.0, 3.0])
+def test_ut_inverse_matches_float64(chunk, corr):
+    """Correlated keys (k_i.k_j ~ 0.9) make the product form blow up; ours must stay accurate."""
+    rng = np.random.default_rng(int(chunk + 10 * corr))
+    k = rng.standard_normal((chunk, 64)) + corr * rng.standard_normal((1, 64))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    beta = 1 / (1 + np.exp(-rng.standard_normal(chunk)))
+    gcum = np.cumsum(-0.05 * rng.random(chunk))
+    a = jax.jit(cm.strict_a)(jnp.asarray(k, jnp.float32), jnp.asarray(beta, jnp.float32),
+                             jnp.asarray(gcum, jnp.float32))
+    t = jax.jit(cm.ut_inverse)(a)
+    a64 = np.tril(beta[:, None] * np.exp(gcum[:, None] - gcum[None, :]) * (k @ k.T), -1)
+    ref = cm.float64_inverse_check(a64)
+    assert rel_err(t, ref) < 2e-6
+    if corr:
+        assert np.abs(a64).max() > 0.5  # the correlated case really is correlated
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels (interpret mode on CPU)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,gated,init", [("long", True, True), ("packed", True, True),
+                                             ("packed", False, False), ("split_runs", True, True)])
+def test_forward_matches_scan(name, gated, init):
+    case = make_case(name, gated=gated, init=init)
+    o, final = jrun(case, "pallas")
+    o_ref, final_ref = jrun(case, "scan")
+    assert not np.isnan(np.asarray(o)).any()
+    assert rel_err(o, o_ref) < F32_REL
+    assert rel_err(final, final_ref) < F32_REL
+
+
+@pytest.mark.parametrize("name,gated,init", [("packed", True, True), ("packed", False, False),
+                                             ("split_runs", True, True)])
+def test_gradients_match_scan(name, gated, init):
+    case = make_case(name, gated=gated, init=init, seed=3)
+    gp = grads(case, "pallas")
+    gs = grads(case, "scan")
+    assert set(gp) == set(gs)
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+
+
+def test_chunk64_many_chunks_and_odd_head_dims():
+    """Chunk 64 with a segment over many chunks; dk=24, dv=40 are padded to powers of two."""
+    rows = [[0, 0, 0, 0, 1]]
+    LAYOUTS["c64"] = (rows, 3, [[4 * 64, 30, 0]])
+    case = make_case("c64", chunk=64, dk=24, dv=40, h=1, seed=5)
+    o, final = jrun(case, "pallas")
+    o_ref, final_ref = jrun(case, "scan")
+    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
+    gp, gs = grads(case, "pallas"), grads(case, "scan")
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+
+
+def test_xla_backward_config_matches():
+    case = make_case("packed", seed=7)
+    gp = grads(case, "pallas", gd_api.Config(bwd="xla"))
+    gs = grads(case, "scan")
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_public_api_bf16(varlen):
+    """bf16 q/k/v through gated_delta_rule (l2norm in the API) vs the fp32 scan, incl. varlen."""
+    b, t, h, dk, dv = (1, 77, 2, 32, 32) if varlen else (2, 40, 2, 32, 32)
+    ks = jax.random.split(jax.random.PRNGKey(21), 6)
+    q, k = (jax.random.normal(ks[i], (b, t, h, dk), jnp.bfloat16) for i in (0, 1))
+    v = jax.random.normal(ks[2], (b, t, h, dv), jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h)) + 2.0)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+    cu = jnp.array([0, 5, 5, 40, 77], jnp.int32) if varlen else None
+    n = 4 if varlen else b
+    h0 = jax.random.normal(ks[5], (n, h, dk, dv))
+
+    def f(impl, *args):
+        o, fs = ops.gated_delta_rule(*args, impl=impl, initial_state=h0, output_final_state=True,
+                                     cu_seqlens=cu, chunk_size=16)
+        return o, fs
+
+    o, fs = jax.jit(functools.partial(f, "pallas"))(q, k, v, g, beta)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    o_ref, fs_ref = jax.jit(functools.partial(f, "scan"))(*up, g, beta)
+    assert o.dtype == jnp.bfloat16
+    assert rel_err(o, o_ref) < BF16_REL and rel_err(fs, fs_ref) < BF16_REL
+
+    def loss(impl, *args):
+        o, fs = f(impl, *args)
+        return jnp.sum(o.astype(jnp.float32) * jnp.cos(jnp.arange(dv))) + jnp.sum(fs)
+
+    gp = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
+    gs = jax.jit(jax.grad(functools.partial(loss, "scan"), argnums=(0, 1, 2, 3, 4)))(*up, g, beta)
+    for a, r in zip(gp, gs):
+        assert rel_err(a, r) < 2 * BF16_REL
+
+
+def test_registration_and_auto():
+    assert ops_api.resolve_impl("pallas", "gated_delta") == "pallas"
+    assert ops_api.resolve_impl("pallas", "delta") == "pallas"
+    if jax.default_backend() == "cpu":  # CPU users stay on XLA
+        assert ops_api.resolve_impl("auto", "gated_delta") == "xla"
+
+
+def test_rejects_bad_chunk():
+    case = make_case("long", chunk=16)
+    bad = PackedLayout(jnp.zeros((1, 8), jnp.int32), 1, 12)
+    with pytest.raises(ValueError):
+        gd_api.gated_delta_packed(case["q"][:, :96], case["k"][:, :96], case["v"][:, :96],
+                                  case["g"][:, :96], case["beta"][:, :96], bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lowering without the hardware
+# ------------------------------------------------------------------------------------------------
+
+def _abstract_mesh(kind, platform):
+    from jax._src import mesh as mesh_lib  # noqa: PLC0415
+    dev = mesh_lib.AbstractDevice(device_kind=kind, num_cores=None, platform=platform)
+    return jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=dev)
+
+
+def _grad_fn(config):
+    def loss(q, k, v, g, beta, h0, seg):
+        layout = PackedLayout(seg, 2, 64)
+        o, final = gd_api.gated_delta_packed(q, k, v, g, beta, layout, h0, True, config=config)
+        return jnp.sum(o) + jnp.sum(final)
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def _abstract_args(b=1, nc=4, h=2, dk=128, dv=128, s=2):
+    sds = jax.ShapeDtypeStruct
+    l = nc * 64
+    return (sds((b, l, h, dk), jnp.float32), sds((b, l, h, dk), jnp.float32),
+            sds((b, l, h, dv), jnp.bfloat16), sds((b, l, h), jnp.float32),
+            sds((b, l, h), jnp.float32), sds((b, s, h, dk, dv), jnp.float32),
+            sds((b, nc), jnp.int32))
+
+
+def test_triton_kernels_lower_for_cuda(monkeypatch):
+    """Forward and backward Triton kernels lower to Triton IR for an H100 without a GPU."""
+    monkeypatch.setattr(gd_api, "_interpret", lambda: False)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100 80GB HBM3", "gpu")):
+        lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton"))).trace(
+            *_abstract_args()).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # UT transform, state walk, backward
