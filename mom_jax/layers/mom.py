@@ -54,8 +54,10 @@ class MoMLayer(RecurrentMixer):
         sub-sequence (zero history at its start); without it q, k, v get SiLU only.
       norm_eps: RMSNorm epsilon.  chunk_size: chunk of the packed stream and the chunked kernels.
       impl: "auto" | "pallas" | "xla" | "scan" implementation of the update rule.
-      routed_projection: "ragged" (grouped matmul over tokens sorted by memory) or "dense"
-        (project every token with every memory, then pick; E/k times the FLOPs, sometimes faster).
+      routed_projection: "dense" (default: project every token with every memory, then pick the
+        routed ones; E/k times the projection FLOPs, but measured faster than XLA's ragged_dot on
+        H100 for E <= 8, see benchmarks/NOTES.md) or "ragged" (one grouped matmul over the tokens
+        sorted by memory: only the routed FLOPs).
       dtype: compute dtype of the matmuls (default: the input's); parameters stay float32.
 
     Parameters (weights are [in, out]): q_proj [D, Kd]; gate [D, E]; k_proj/v_proj/b_proj/a_proj
@@ -69,7 +71,7 @@ class MoMLayer(RecurrentMixer):
                  shared_memory: bool = True, update_rule: str = "gated_delta",
                  single_kv_proj: bool = False, use_output_gate: bool = True,
                  use_short_conv: bool = True, conv_size: int = 4, norm_eps: float = 1e-6,
-                 chunk_size: int = 64, impl: str = "auto", routed_projection: str = "ragged",
+                 chunk_size: int = 64, impl: str = "auto", routed_projection: str = "dense",
                  dtype=None, rngs: nnx.Rngs):
         e = lc.positive_int("num_memories", num_memories)
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
