@@ -97,7 +97,11 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     interpret = _interpret()
     backend = _backend(config)
     if backend == "mosaic":
-        o, final = mosaic.gated_delta_fwd(q, k, v, g, beta, layout, init, interpret=interpret)
+        o, final = mosaic.gated_delta_fwd(q, k, v, g, beta, layout, init, interpret=interpret,
+                                          block_v=config.block_v if config.block_v and
+                                          config.block_v % 128 == 0 else None,
+                                          precision=mosaic.resolve_precision(config.precision,
+                                                                             interpret))
         return o, final, None
     qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk)
     dvp = vp.shape[-1]

@@ -1,0 +1,218 @@
+"""Forward kernel of the chunked gated delta rule in Pallas Mosaic (TPU).
+
+TPU programs run their grid in order on each core, so the chunk axis goes into the grid as the last,
+sequential ("arbitrary") dimension and the [dk, BV] float32 state lives in a VMEM scratch buffer
+across grid steps: grid = (row, head, value block, chunk).  Per-chunk flags (segment index, run
+start, run end) come in as scalar-prefetch operands (SMEM) and drive the block index maps:
+
+  * the initial-state block of a chunk is the one of its segment; at a run start the state is reset
+    to it (or to zero);
+  * the final-state output block of a chunk is its segment's (for unused chunks: the last used
+    segment before it, or the first one of the row), so a segment's block stays resident while its
+    chunks are walked and is written at the chunk that ends the run; Pallas writes it back when the
+    block index changes.  Segments without chunks get their initial state in the wrapper.
+
+Everything else is the same UT/WY chunk algebra as the Triton kernels (``common``), written with 2-D
+[C, 1] / [1, C] vectors so every block is Mosaic-legal: the time-major tensors are transposed to
+head-major [B, H, L, d] so that blocks are (C, d) with C a multiple of 8 and d the full head dim (or
+a multiple of 128 for value blocks).  The UT transform (T = (I + A)^-1) is computed per chunk inside
+the same kernel: with the default BV = dv there is nothing to share between programs.
+
+The backward pass on TPU is the VJP of the chunked XLA form (``api`` falls back to it).
+
+A segment split into several runs of chunks (never produced by the packers) revisits its final-state
+block non-consecutively.  On the hardware that is still right (the block is fully rewritten at the end
+of every run and the last write-back wins), but the TPU interpreter rejects revisits, so that case is
+only tested on the Triton path.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.gated_delta import common as cm
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def resolve_precision(precision: str, interpret: bool):
+    """Config precision name -> TPU matmul precision (interpret mode: always float32)."""
+    if interpret:
+        return HIGHEST
+    return {"ieee": HIGHEST, "tf32x3": HIGHEST, "tf32": jax.lax.Precision.HIGH,
+            "bf16": jax.lax.Precision.DEFAULT}[precision]
+
+
+def _mm(a, b, *, ta=False, tb=False, precision=HIGHEST):
+    dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def ut_inverse_2d(a, sub: int = cm.SUB_BLOCK, precision=HIGHEST):
+    """Same algorithm as ``common.ut_inverse`` with keepdims reductions (no 1-D vectors)."""
+    c = a.shape[0]
+    sub = min(sub, c)
+    row, col = cm.iota2(c, c, 0), cm.iota2(c, c, 1)
+    row_blk, col_blk = row // sub, col // sub
+    same = row_blk == col_blk
+    a_bd = jnp.where(same, a, 0.0)
+    x = jnp.where(row == col, 1.0, 0.0).astype(F32)
+
+    def step(r, x):
+        xr = jnp.sum(jnp.where(row == col_blk * sub + r, x, 0.0), axis=0, keepdims=True)   # [1, C]
+        ar = jnp.sum(jnp.where(col == row_blk * sub + r, a_bd, 0.0), axis=1, keepdims=True)  # [C, 1]
+        return x - jnp.where(same, ar * xr, 0.0)
+
+    x = jax.lax.fori_loop(0, sub - 1, step, x)
+    size = sub
+    while size < c:
+        size *= 2
+        half = size // 2
+        low = (row // size == col // size) & (row // half > col // half)
+        lo = jnp.where(low, a, 0.0)
+        x = x - _mm(x, _mm(lo, x, precision=precision), precision=precision)
+    return x
+
+
+def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_ref, grow_ref,
+            *rest, has_init, precision):
+    if has_init:
+        init_ref, o_ref, final_ref, state_ref = rest
+    else:
+        o_ref, final_ref, state_ref = rest
+        init_ref = None
+    b = pl.program_id(0)
+    c = pl.program_id(3)
+    used = seg_ref[b, c] >= 0
+
+    @pl.when(first_ref[b, c] != 0)
+    def _reset():
+        if init_ref is None:
+            state_ref[...] = jnp.zeros(state_ref.shape, F32)
+        else:
+            state_ref[...] = init_ref[...].astype(F32)
+
+    @pl.when(jnp.logical_not(used))
+    def _unused():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    @pl.when(used)
+    def _chunk():
+        q = q_ref[...].astype(F32)
+        k = k_ref[...].astype(F32)
+        v = v_ref[...].astype(F32)
+        beta = bcol_ref[...]                      # [C, 1]
+        g_col = gcol_ref[...]                     # [C, 1] chunk-local cumulative log-decay
+        g_row = grow_ref[pl.ds(c, 1), :]          # [1, C]
+        n = q.shape[0]
+        gl = g_row[:, n - 1:n]                    # [1, 1]
+        row, col = cm.iota2(n, n, 0), cm.iota2(n, n, 1)
+        strict, incl = row > col, row >= col
+        diff = g_col - g_row
+        kk = _mm(k, k, tb=True, precision=HIGHEST)
+        a = jnp.where(strict, beta * kk * jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
+        t = ut_inverse_2d(a)
+        eg = jnp.exp(g_col)
+        s0 = state_ref[...]
+        w = _mm(t, k * (beta * eg), precision=precision)
+        u = _mm(t, v * beta, precision=precision) - _mm(w, s0, precision=precision)
+        p = _mm(q, k, tb=True, precision=precision) * jnp.where(
+            incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+        o = _mm(q * eg, s0, precision=precision) + _mm(p, u, precision=precision)
+        o_ref[...] = o.astype(o_ref.dtype)
+        kd = k * jnp.exp(gl - g_col)
+        state_ref[...] = jnp.exp(gl) * s0 + _mm(kd, u, ta=True, precision=precision)
+
+    @pl.when(used & (last_ref[b, c] != 0))
+    def _final():
+        final_ref[...] = state_ref[...]
+
+
+def final_block_segment(layout):
+    """Per chunk, the segment whose final-state block the chunk maps to (see module doc)."""
+    seg = layout.chunk_segment.astype(jnp.int32)
+    nc = seg.shape[1]
+    idx = jnp.where(seg >= 0, jnp.arange(nc, dtype=jnp.int32)[None], -1)
+    last_used = jax.lax.cummax(idx, axis=1)                                 # last used chunk <= c
+    first_used = jnp.argmax(seg >= 0, axis=1).astype(jnp.int32)            # 0 if none
+    src = jnp.where(last_used >= 0, last_used, first_used[:, None])
+    return jnp.maximum(jnp.take_along_axis(seg, src, axis=1), 0)
+
+
+def gated_delta_fwd(q, k, v, g, beta, layout, init, *, interpret=False, block_v=None,
+                    precision=HIGHEST):
+    """Same contract as the Triton path: returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv])."""
+    b, l, h, dk = q.shape
+    dv = v.shape[-1]
+    chunk = layout.chunk_size
+    s = layout.num_segments
+    nc = l // chunk
+    bv = dv if block_v is None else block_v
+    assert dv % bv == 0 and (bv == dv or bv % 128 == 0), (dv, bv)
+    nv = dv // bv
+    head_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
+    qh, kh, vh = head_major(q), head_major(k), head_major(v)
+    gcum = jnp.zeros((b, l, h), F32) if g is None else cm.chunk_cumsum(g, chunk)
+    gh = jnp.transpose(gcum, (0, 2, 1))                    # [B, H, L]
+    g_col = gh[..., None]                                  # [B, H, L, 1]
+    g_row = gh.reshape(b, h, nc, chunk)                    # [B, H, Nc, C]
+    b_col = jnp.transpose(beta.astype(F32), (0, 2, 1))[..., None]
+    seg = layout.chunk_segment.astype(jnp.int32)
+    first = layout.chunk_first().astype(jnp.int32)
+    last = layout.chunk_last().astype(jnp.int32)
+    fseg = final_block_segment(layout)
+    # The final-state block index uses fseg; the initial-state block the chunk's own segment.
+    seg_for_init = jnp.maximum(seg, 0)
+
+    def seq_spec(d, blocked):
+        return pl.BlockSpec((None, None, chunk, d),
+                            lambda bi, hi, j, c, *_: (bi, hi, c, j if blocked else 0))
+
+    in_specs = [seq_spec(dk, False), seq_spec(dk, False), seq_spec(bv, True),
+                seq_spec(1, False), seq_spec(1, False),
+                pl.BlockSpec((None, None, nc, chunk), lambda bi, hi, j, c, *_: (bi, hi, 0, 0))]
+    args = [qh, kh, vh, b_col, g_col, g_row]
+    if init is not None:
+        in_specs.append(pl.BlockSpec(
+            (None, None, None, dk, bv),
+            lambda bi, hi, j, c, seg_r, fst_r, lst_r, segi_r, fseg_r: (bi, segi_r[bi, c], hi, 0, j)))
+        args.append(init.astype(F32))
+    out_specs = [
+        seq_spec(bv, True),
+        pl.BlockSpec((None, None, None, dk, bv),
+                     lambda bi, hi, j, c, seg_r, fst_r, lst_r, segi_r, fseg_r: (bi, fseg_r[bi, c], hi, 0, j)),
+    ]
+    kernel = functools.partial(_kernel, has_init=init is not None, precision=precision)
+
+    def kernel_wrapper(seg_ref, first_ref, last_ref, _segi_ref, _fseg_ref, *refs):
+        kernel(seg_ref, first_ref, last_ref, *refs)
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=5,
+        grid=(b, h, nv, nc),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM((dk, bv), F32)],
+    )
+    o, final = pl.pallas_call(
+        kernel_wrapper,
+        grid_spec=grid_spec,
+        out_shape=(jax.ShapeDtypeStruct((b, h, l, dv), F32),
+                   jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="gdn_mosaic_fwd",
+    )(seg, first, last, seg_for_init, fseg, *args)
+    o = jnp.transpose(o, (0, 2, 1, 3))
+    # Segments without chunks: their final state is their initial state (or zero).
+    has_chunks = jnp.zeros((b, s), bool).at[
+        jnp.arange(b)[:, None], jnp.where(seg >= 0, seg, s)].set(True, mode="drop")
+    keep = init.astype(F32) if init is not None else jnp.zeros_like(final)
+    final = jnp.where(has_chunks[:, :, None, None, None], final, keep)
+    return o, final
