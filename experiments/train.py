@@ -1,0 +1,251 @@
+"""Train a language model (MoM, Gated DeltaNet, GLA, Transformer++ or a hybrid).
+
+  python -m experiments.train --config=experiments/configs/mqar_tiny.py \
+      [--config.model.num_memories=8] [--config.workdir=runs/x] [--config.resume=True]
+
+One readable loop: data -> jitted train step -> periodic logging (stdout + <workdir>/metrics.jsonl),
+jit-compiled evaluation, and orbax checkpoints (periodic, on SIGTERM/SIGINT, and at the end).
+``--config.resume=True`` continues exactly where the latest checkpoint stopped: parameters, optimiser,
+step and the data iterator's position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from mom_jax.data import pipeline
+from mom_jax.models import LanguageModel, ModelConfig
+from mom_jax.training import checkpoint, optim, steps
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                          lock_config=True)
+
+
+class ConfigError(ValueError):
+    """A bad experiment configuration (raised before anything is compiled)."""
+
+
+def build_model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(cfg.keys()) - known
+    if unknown:
+        raise ConfigError(f"unknown model options: {sorted(unknown)}")
+    try:
+        return ModelConfig(**cfg.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(config) -> ModelConfig:
+    """Checks the whole config; returns the ModelConfig.  Raises ConfigError with a clear message."""
+    tr = config.train
+    if not config.get("workdir"):
+        raise ConfigError("config.workdir must be set (where checkpoints and metrics go)")
+    for name in ("batch_size", "seq_len", "steps", "log_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints", "grad_accum"):
+        v = tr[name]
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train.{name} must be a positive integer, got {v!r}")
+    if tr.warmup_steps < 0 or tr.warmup_steps >= tr.steps:
+        raise ConfigError(f"train.warmup_steps must be in [0, train.steps={tr.steps}), "
+                          f"got {tr.warmup_steps}")
+    if tr.batch_size % tr.grad_accum:
+        raise ConfigError(f"train.batch_size ({tr.batch_size}) must be divisible by "
+                          f"train.grad_accum ({tr.grad_accum})")
+    n_dev = jax.device_count()
+    if (tr.batch_size // tr.grad_accum) % n_dev:
+        raise ConfigError(f"the micro-batch (batch_size / grad_accum = "
+                          f"{tr.batch_size // tr.grad_accum}) must be divisible by the number of "
+                          f"devices ({n_dev})")
+    if not tr.lr > 0:
+        raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
+    if tr.aux_weight < 0:
+        raise ConfigError(f"train.aux_weight must be >= 0, got {tr.aux_weight}")
+    model_cfg = build_model_config(config.model)
+    data_vocab = pipeline.vocab_size(config.data)
+    if data_vocab > model_cfg.vocab_size:
+        raise ConfigError(f"the data uses {data_vocab} token ids but model.vocab_size is "
+                          f"{model_cfg.vocab_size}")
+    return model_cfg
+
+
+class Stopper:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (then saves and exits)."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested is not None:       # second signal: give up immediately
+            sys.exit(128 + signum)
+        self.requested = signal.Signals(signum).name
+
+
+def evaluate(eval_step, params, batches, shard):
+    """Exact averages over all eval batches.  Returns dict(loss, ppl, accuracy[, by_kv_pairs])."""
+    loss_sum = tok = correct = 0.0
+    by_kv: dict[int, list[float]] = {}
+    for batch in batches:
+        out = jax.device_get(eval_step(params, shard(batch)))
+        mask = np.asarray(batch["loss_mask"], np.float64)
+        loss_sum += float(np.sum(out["token_loss"]))
+        correct += float(np.sum(out["correct"]))
+        tok += float(mask.sum())
+        if "num_kv_pairs" in batch:
+            for n, c, m in zip(batch["num_kv_pairs"], out["correct"].sum(-1), mask.sum(-1)):
+                acc = by_kv.setdefault(int(n), [0.0, 0.0])
+                acc[0] += float(c)
+                acc[1] += float(m)
+    loss = loss_sum / max(tok, 1.0)
+    res = dict(loss=loss, ppl=float(np.exp(min(loss, 50.0))), accuracy=correct / max(tok, 1.0))
+    if by_kv:
+        res["accuracy_by_kv_pairs"] = {k: v[0] / max(v[1], 1.0) for k, v in sorted(by_kv.items())}
+    return res
+
+
+def train(config) -> dict:
+    """Runs the experiment described by ``config``; returns the final evaluation."""
+    model_cfg = validate(config)
+    tr = config.train
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    def shard(batch):
+        return {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in batch.items()
+                if k != "num_kv_pairs"}
+
+    model = LanguageModel(model_cfg, rngs=nnx.Rngs(tr.seed))
+    model_fn, params = steps.ModelFn.from_module(model)
+    params = jax.device_put(params, replicated)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    tx, schedule = optim.make_optimizer(
+        peak_lr=tr.lr, warmup_steps=tr.warmup_steps, total_steps=tr.steps,
+        min_lr_ratio=tr.min_lr_ratio, b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay,
+        clip_norm=tr.clip_norm)
+    opt_state = tx.init(params)
+    train_step = jax.jit(steps.make_train_step(model_fn, tx, topk=model_cfg.topk,
+                                               aux_weight=tr.aux_weight, grad_accum=tr.grad_accum),
+                         donate_argnums=(0, 1))
+    eval_step = jax.jit(steps.make_eval_step(model_fn, topk=model_cfg.topk))
+
+    data_iter = pipeline.make_train_iterator(
+        config.data, batch_size=tr.batch_size // jax.process_count(), seq_len=tr.seq_len,
+        seed=tr.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    eval_batches = pipeline.make_eval_batches(config.data, batch_size=tr.batch_size,
+                                              seq_len=tr.seq_len, seed=tr.seed,
+                                              num_batches=tr.eval_batches)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=tr.keep_checkpoints,
+                                   save_interval_steps=tr.checkpoint_every)
+    start = 0
+    if config.resume and ckpt.latest_step() is not None:
+        params, opt_state, start, data_state = ckpt.restore(None, params=params,
+                                                            opt_state=opt_state)
+        data_iter.set_state(data_state)
+        print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    elif config.resume:
+        print(f"--config.resume: no checkpoint in {ckpt.directory}; starting from scratch",
+              flush=True)
+    print(f"model: {model_cfg.mixer} x {model_cfg.num_layers} layers "
+          f"({', '.join(sorted(set(model_cfg.layer_mixers())))}), {n_params / 1e6:.2f}M params; "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}; "
+          f"batch {tr.batch_size} x {tr.seq_len}, {tr.steps} steps", flush=True)
+
+    stopper = Stopper()
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_file = open(metrics_path, "a")
+
+    def log(record):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    step = start
+    window_t0, window_tokens = time.perf_counter(), 0.0
+    last = None
+    while step < tr.steps:
+        batch = next(data_iter)
+        params, opt_state, metrics = train_step(params, opt_state, shard(batch))
+        step += 1
+        window_tokens += float(tr.batch_size * tr.seq_len)
+        if step % tr.log_every == 0 or step == tr.steps or step == start + 1:
+            m = jax.device_get(metrics)
+            dt = time.perf_counter() - window_t0
+            rec = dict(step=step, loss=float(m["loss"]), ce=float(m["ce"]),
+                       accuracy=float(m["accuracy"]), grad_norm=float(m["grad_norm"]),
+                       lr=float(schedule(step - 1)), tokens_per_s=window_tokens / dt,
+                       step_time_s=dt / max(1, window_tokens / (tr.batch_size * tr.seq_len)))
+            if "aux" in m:
+                rec["aux"] = float(m["aux"])
+                rec["router_load"] = np.round(np.asarray(m["router_load"]), 4).tolist()
+            if not np.isfinite(rec["loss"]):
+                raise FloatingPointError(f"loss is {rec['loss']} at step {step}; stopping "
+                                         f"(last checkpoint: {ckpt.latest_step()})")
+            log(rec)
+            load = ""
+            if "router_load" in rec:
+                load = " load[L0]=" + "/".join(f"{x:.2f}" for x in rec["router_load"][0])
+            print(f"step {step:>6}/{tr.steps} loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} "
+                  f"gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} "
+                  f"{rec['tokens_per_s']:,.0f} tok/s {1e3 * rec['step_time_s']:.0f} ms/step"
+                  + (f" aux {rec['aux']:.3f}" + load if "aux" in rec else ""), flush=True)
+            window_t0, window_tokens = time.perf_counter(), 0.0
+        if tr.eval_every and step % tr.eval_every == 0 and step < tr.steps:
+            last = evaluate(eval_step, params, eval_batches, shard)
+            log(dict(step=step, eval=last))
+            print(f"  eval @ {step}: {json.dumps(last)}", flush=True)
+        ckpt.save(step, params=params, opt_state=opt_state, data_state=data_iter.get_state(),
+                  force=stopper.requested is not None)
+        if stopper.requested:
+            print(f"{stopper.requested} received: saved checkpoint at step {step}; exiting",
+                  flush=True)
+            metrics_file.close()
+            ckpt.close()
+            sys.exit(0)
+    ckpt.save(step, params=params, opt_state=opt_state, data_state=data_iter.get_state(),
+              force=True)
+    last = evaluate(eval_step, params, eval_batches, shard)
+    log(dict(step=step, eval=last, final=True))
+    print(f"final eval @ {step}: {json.dumps(last)}", flush=True)
+    metrics_file.close()
+    ckpt.close()
+    return last
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=experiments/configs/<name>.py is required")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        train(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

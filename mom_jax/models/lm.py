@@ -1,0 +1,181 @@
+"""Decoder-only language model with a choice of sequence mixer per layer.
+
+  embedding (no positions for recurrent mixers) -> N x [x + mixer(RMSNorm x); x + SwiGLU(RMSNorm x)]
+  -> RMSNorm -> head (optionally tied to the embedding)
+
+Mixers: "mom" (MoMLayer), "gated_deltanet", "gla", "attention" (Transformer++: RoPE + causal softmax
+attention).  Hybrids: ``attention_every = n`` makes every n-th layer (layers n-1, 2n-1, ...) attention.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mom_jax import ops
+from mom_jax.layers import GatedDeltaNetLayer, GLALayer, MoMLayer
+from mom_jax.layers import common as lc
+from mom_jax.models.attention import CausalSelfAttention
+
+MIXERS = ("mom", "gated_deltanet", "gla", "attention")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """All sizes of a language model.  Checked on construction (clear ValueErrors)."""
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_layers: int = 24
+    mixer: str = "mom"
+    attention_every: int = 0           # 0 = no attention layers (unless mixer == "attention")
+    # recurrent mixers
+    num_heads: int = 4
+    head_dim: int = 256
+    expand_v: float = 1.0
+    num_memories: int = 4
+    topk: int = 2
+    shared_memory: bool = True
+    update_rule: str = "gated_delta"
+    single_kv_proj: bool = False
+    use_output_gate: bool = True
+    use_short_conv: bool = True
+    conv_size: int = 4
+    chunk_size: int = 64
+    impl: str = "auto"
+    routed_projection: str = "dense"
+    # attention layers
+    attn_num_heads: int = 16
+    attn_head_dim: int = 64
+    rope_theta: float = 10000.0
+    # MLP and the rest
+    hidden_ratio: float = 3.0
+    intermediate_size: int = 0          # 0 = 256 * ceil(int(D * ratio * 2/3) / 256)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "bfloat16"             # compute dtype; parameters are float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
+                     "num_memories", "topk", "conv_size", "chunk_size", "attn_num_heads",
+                     "attn_head_dim"):
+            lc.positive_int(f"model.{name}", getattr(self, name))
+        if self.mixer not in MIXERS:
+            raise ValueError(f"model.mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.topk > self.num_memories:
+            raise ValueError(f"model.topk ({self.topk}) cannot exceed model.num_memories "
+                             f"({self.num_memories})")
+        if self.update_rule not in ops.UPDATE_RULES:
+            raise ValueError(f"model.update_rule must be one of {ops.UPDATE_RULES}, "
+                             f"got {self.update_rule!r}")
+        if self.attention_every < 0 or self.attention_every > self.num_layers:
+            raise ValueError(f"model.attention_every must be in [0, num_layers={self.num_layers}], "
+                             f"got {self.attention_every}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.hidden_ratio <= 0 or self.intermediate_size < 0:
+            raise ValueError("model.hidden_ratio must be > 0 and model.intermediate_size >= 0")
+
+    @property
+    def mlp_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return 256 * math.ceil(int(self.hidden_size * self.hidden_ratio * 2 / 3) / 256)
+
+    def layer_mixers(self) -> list[str]:
+        """The mixer of each layer."""
+        kinds = [self.mixer] * self.num_layers
+        if self.attention_every:
+            for i in range(self.attention_every - 1, self.num_layers, self.attention_every):
+                kinds[i] = "attention"
+        return kinds
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        return lc.rms_norm(x, self.weight[...], self.eps).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, init_std: float, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(init_std)
+        self.gate_up = nnx.Param(init(rngs.params(), (dim, 2 * hidden)))
+        self.down = nnx.Param(init(rngs.params(), (hidden, dim)))
+
+    def __call__(self, x):
+        gate, up = jnp.split(x @ self.gate_up[...].astype(x.dtype), 2, axis=-1)
+        return (jax.nn.silu(gate) * up) @ self.down[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
+        dtype = DTYPES[cfg.dtype]
+        self.kind = kind
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        common = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, expand_v=cfg.expand_v,
+                      use_output_gate=cfg.use_output_gate, use_short_conv=cfg.use_short_conv,
+                      conv_size=cfg.conv_size, norm_eps=cfg.norm_eps, chunk_size=cfg.chunk_size,
+                      impl=cfg.impl, dtype=dtype, rngs=rngs)
+        if kind == "mom":
+            self.mixer = MoMLayer(cfg.hidden_size, num_memories=cfg.num_memories, topk=cfg.topk,
+                                  shared_memory=cfg.shared_memory, update_rule=cfg.update_rule,
+                                  single_kv_proj=cfg.single_kv_proj,
+                                  routed_projection=cfg.routed_projection, **common)
+        elif kind == "gated_deltanet":
+            self.mixer = GatedDeltaNetLayer(cfg.hidden_size, **common)
+        elif kind == "gla":
+            self.mixer = GLALayer(cfg.hidden_size, **common)
+        else:
+            self.mixer = CausalSelfAttention(cfg.hidden_size, num_heads=cfg.attn_num_heads,
+                                             head_dim=cfg.attn_head_dim, rope_theta=cfg.rope_theta,
+                                             init_std=cfg.init_std, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_size, init_std=cfg.init_std, rngs=rngs)
+
+    def __call__(self, x):
+        """x: [B, T, D] -> (x, router_logits [B, T, E] or None)."""
+        out = self.mixer(self.mixer_norm(x))
+        logits = None
+        if isinstance(out, tuple):
+            out, logits = out
+        x = x + out.astype(x.dtype)
+        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return x, logits
+
+
+class LanguageModel(nnx.Module):
+    """Decoder LM.  ``__call__(tokens [B, T] int) -> (logits [B, T, V] float32, router_logits list)``;
+    router_logits holds one [B, T, E] float32 array per MoM layer (empty without MoM layers)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size)))
+        self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in cfg.layer_mixers()])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.head = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size)))
+
+    def __call__(self, tokens):
+        if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"LanguageModel expects int tokens [batch, time], got "
+                             f"{getattr(tokens, 'dtype', None)} {getattr(tokens, 'shape', None)}")
+        dtype = DTYPES[self.cfg.dtype]
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        router_logits = []
+        for block in self.blocks:
+            x, logits = block(x)
+            if logits is not None:
+                router_logits.append(logits)
+        x = self.final_norm(x)
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        logits = (x @ w.astype(dtype)).astype(jnp.float32)
+        return logits, router_logits

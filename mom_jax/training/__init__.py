@@ -1,0 +1,1 @@
+"""Training pieces: optimiser, jitted steps, checkpoints."""
