@@ -83,6 +83,46 @@ def make_fns(impl, r):
     return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
+def breakdown(shape, config, repeats):
+    """Times the three Pallas kernels separately (inputs prepared as the API does)."""
+    from mom_jax.ops.common import rows_layout  # noqa: PLC0415
+    from pallas_kernels.gated_delta import common as cm  # noqa: PLC0415
+    from pallas_kernels.gated_delta import triton_bwd, triton_fwd  # noqa: PLC0415
+    (q, k, v, g, beta), r = make_inputs(shape)
+    b, t, h, dk, dv = shape
+    q = ops_common.l2norm(q) * dk ** -0.5
+    k = ops_common.l2norm(k)
+    layout = rows_layout(b, t, 64)
+    qp, kp, vp, beta_t, gcum_t, _ = gd_api._prepare(q, k, v, g, beta, None, 64)
+    lo, hi, seg, first = cm.segment_ranges(layout)
+    last = layout.chunk_last().astype(jnp.int32)
+    bv = min(dv, config.block_v or 64)
+    interp = gd_api._interpret()
+    ut = jax.jit(lambda kp, bt, gt: triton_fwd.ut_transform(
+        kp, bt, gt, 64, precision=config.ut_precision, interpret=interp))
+    tmat = ut(kp, beta_t, gcum_t)
+    out = {"ut_transform_ms": time_fn(ut, (kp, beta_t, gcum_t), repeats)["median_ms"]}
+    for store_h in (False, True):
+        rec = jax.jit(lambda *a, store_h=store_h: triton_fwd.chunk_recurrence(
+            *a, None, lo, hi, seg, first, chunk=64, num_segments=1, block_v=bv,
+            precision=config.precision, num_warps=config.num_warps,
+            num_stages=config.num_stages, store_h=store_h, block_k=config.block_k,
+            interpret=interp))
+        args = (qp, kp, vp, beta_t, gcum_t, tmat)
+        out[f"recurrence{'_store_h' if store_h else ''}_ms"] = time_fn(rec, args, repeats)["median_ms"]
+    _, _, hstates = rec(*args)
+    do = r
+    dfinal = jnp.zeros((b, 1, h, dk, dv), jnp.float32)
+    bwd = jax.jit(lambda *a: triton_bwd.backward_call(
+        *a, lo, hi, seg, first, last, chunk=64, num_segments=1,
+        block_v=min(dv, config.bwd_block_v or config.block_v or 64), has_init=False,
+        precision=config.precision, num_warps=config.bwd_num_warps, block_k=config.block_k,
+        interpret=interp)[:5])
+    out["backward_kernel_ms"] = time_fn(bwd, (qp, kp, vp, beta_t, gcum_t, tmat, hstates, do, dfinal),
+                                        repeats)["median_ms"]
+    return {k_: round(v_, 4) for k_, v_ in out.items()}
+
+
 def scan_reference(inputs):
     q, k, v, g, beta = inputs
     b, t, h, dk = q.shape
@@ -102,7 +142,7 @@ class Results:
         self.out_dir = out_dir
         self.data = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                      "jax": jax.__version__, "config": dataclasses.asdict(gd_api.get_default_config()),
-                     "correctness": [], "timing": [], "sweep": [], "errors": []}
+                     "correctness": [], "timing": [], "breakdown": [], "sweep": [], "errors": []}
         os.makedirs(out_dir, exist_ok=True)
 
     def add(self, kind, row):
@@ -146,12 +186,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="time each kernel alone")
+    ap.add_argument("--config", default="{}", help="JSON Config fields for the main runs")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--variants", nargs="*", default=[
         '{"block_v": 32}', '{"block_v": 64, "num_warps": 8}', '{"precision": "bf16"}',
         '{"block_v": 32, "num_warps": 8, "bwd_num_warps": 8}'])
     ap.add_argument("--sweep-shapes", nargs="*", type=int, default=[0, 2])
     args = ap.parse_args()
+    gd_api.set_default_config(dataclasses.replace(gd_api.get_default_config(),
+                                                  **json.loads(args.config)))
     res = Results(args.out)
     print("device:", res.data["device"], "backend:", res.data["backend"], flush=True)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -189,6 +233,18 @@ def main():
                     res.add("errors", {"shape": name, "impl": impl, "what": what,
                                        "error": repr(e)[:2000]})
                     traceback.print_exc()
+
+    if args.breakdown:
+        for i in args.sweep_shapes:
+            if i >= len(shapes):
+                continue
+            name = ",".join(map(str, shapes[i]))
+            try:
+                res.add("breakdown", dict(shape=name, **breakdown(shapes[i], gd_api.get_default_config(),
+                                                                 args.repeats)))
+            except Exception as e:  # noqa: BLE001
+                res.add("errors", {"shape": name, "stage": "breakdown", "error": repr(e)[:1500]})
+                traceback.print_exc()
 
     if args.sweep:
         base = gd_api.get_default_config()

@@ -167,6 +167,19 @@ def test_chunk64_many_chunks_and_odd_head_dims():
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
 
 
+def test_several_key_and_value_tiles():
+    """dk=32 as two 16-wide key tiles, dv=48 as three 16-wide value blocks (partial sums of dq, dk,
+    dbeta, dg over value blocks)."""
+    config = gd_api.Config(block_k=16, block_v=16)
+    case = make_case("packed", dk=32, dv=48, seed=17)
+    o, final = jrun(case, "pallas", config)
+    o_ref, final_ref = jrun(case, "scan")
+    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
+    gp, gs = grads(case, "pallas", config), grads(case, "scan")
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+
+
 def test_xla_backward_config_matches():
     case = make_case("packed", seed=7)
     gp = grads(case, "pallas", gd_api.Config(bwd="xla"))

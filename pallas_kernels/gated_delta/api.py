@@ -30,13 +30,17 @@ class Config:
 
     backend: "auto" (mosaic on TPU, else triton), "triton" or "mosaic".
     precision: dot precision on GPU for the state walk: "tf32", "tf32x3", "ieee" or "bf16".
-      The UT transform always uses full float32.  Interpret mode is always float32.
+    ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
+      Interpret mode is always float32.
     block_v: value-dimension block of one program (None: min(dv, 64)).
+    block_k: key-dimension tile inside a program (the state is held as dk/block_k tiles).
     bwd: "pallas" (backward kernels where the backend has them) or "xla".
     """
     backend: str = "auto"
     precision: str = "tf32"
+    ut_precision: str = "tf32x3"
     block_v: int | None = None
+    block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
     bwd: str = "pallas"
@@ -107,13 +111,14 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     dvp = vp.shape[-1]
     block_v = min(dvp, config.block_v or 64)
     lo, hi, seg, first = cm.segment_ranges(layout)
-    t = triton_fwd.ut_transform(kp, beta_t, gcum_t, chunk, interpret=interpret)
+    t = triton_fwd.ut_transform(kp, beta_t, gcum_t, chunk, interpret=interpret,
+                                precision=config.ut_precision)
     store_h = for_bwd and config.bwd == "pallas"
     o, final, h = triton_fwd.chunk_recurrence(
         qp, kp, vp, beta_t, gcum_t, t, initp, lo, hi, seg, first, chunk=chunk,
         num_segments=num_segments, block_v=block_v, precision=config.precision,
         interpret=interpret, num_warps=config.num_warps, num_stages=config.num_stages,
-        store_h=store_h)
+        store_h=store_h, block_k=config.block_k)
     extra = (qp, kp, vp, beta_t, gcum_t, t, h, lo, hi, seg, first) if store_h else None
     return o[..., :dv], final[..., :dk, :dv], extra
 

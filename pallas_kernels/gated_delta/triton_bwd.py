@@ -33,59 +33,73 @@ from pallas_kernels.gated_delta.triton_fwd import _triton_params, resolve_precis
 F32 = jnp.float32
 
 
-def chunk_step_bwd(q, k, v, beta, gcum, gl, t, s0, do, ds, precision):
-    """Gradients of one chunk.  Returns (dq, dk, dv, dbeta, dG, dS0); dq/dk/dbeta/dG are this value
-    block's shares.  dG is w.r.t. the chunk-local cumulative log-decay G (incl. the G_C terms)."""
+def chunk_step_bwd(qs, ks, v, beta, gcum, gl, t, s0s, do, dss, precision):
+    """Gradients of one chunk, the key dimension split into blocks (lists of [C, BK] / [BK, BV]).
+
+    Returns (dqs, dks, dv, dbeta, dG, ds0s); dq/dk/dbeta/dG are this value block's shares.  dG is
+    w.r.t. the chunk-local cumulative log-decay G (the G_C terms are added at the last position).
+    """
     mm = functools.partial(cm.mm, precision=precision)
-    c = q.shape[0]
+    c = v.shape[0]
     row, col = cm.iota2(c, c, 0), cm.iota2(c, c, 1)
     strict = row > col
     eg = jnp.exp(gcum)
     egl = jnp.exp(gl)
-    kb = k * (beta * eg)[:, None]
+    beg = (beta * eg)[:, None]
+    ekd = jnp.exp(gl - gcum)[:, None]
     vb = v * beta[:, None]
-    w = mm(t, kb)
-    u = mm(t, vb) - mm(w, s0)
-    dmat = cm.causal_decay(gcum)
-    p = mm(q, k, tb=True) * dmat
-    ekd = jnp.exp(gl - gcum)
-    kd = k * ekd[:, None]
+    kbs = [k_b * beg for k_b in ks]
 
-    du = mm(p, do, ta=True) + mm(kd, ds)
-    ds0 = mm(q * eg[:, None], do, ta=True) + egl * ds - mm(w, du, ta=True)
+    u = mm(t, vb)
+    p = kk = None
+    du = None
+    for q_b, k_b, kb_b, s0_b, ds_b in zip(qs, ks, kbs, s0s, dss):
+        u = u - mm(mm(t, kb_b), s0_b)
+        pb, kkb, dub = mm(q_b, k_b, tb=True), mm(k_b, k_b, tb=True), mm(k_b * ekd, ds_b)
+        p = pb if p is None else p + pb
+        kk = kkb if kk is None else kk + kkb
+        du = dub if du is None else du + dub
+    dmat = cm.causal_decay(gcum)
+    p = p * dmat
+    du = du + mm(p, do, ta=True)                      # du = P^T dO + Kd dS
     dp = mm(do, u, tb=True)
     dpd = dp * dmat
-    do_s0 = mm(do, s0, tb=True)                     # [C, dk]
-    dq = mm(dpd, k) + eg[:, None] * do_s0
-    u_ds = mm(u, ds, tb=True)                       # [C, dk] = d kd
-    dk = mm(dpd, q, ta=True) + ekd[:, None] * u_ds
-    dw = -mm(du, s0, tb=True)
-    dt = mm(dw, kb, tb=True) + mm(du, vb, tb=True)
-    dkb = mm(t, dw, ta=True)
-    dvb = mm(t, du, ta=True)
-    dv = dvb * beta[:, None]
-    dk = dk + dkb * (beta * eg)[:, None]
+    dt = mm(du, vb, tb=True)
+    for kb_b, s0_b in zip(kbs, s0s):
+        dt = dt - mm(mm(du, s0_b, tb=True), kb_b, tb=True)   # dW = -du S0^T; dT += dW Kb^T
     da = -mm(mm(t, dt, ta=True), t, tb=True)
-    kk = mm(k, k, tb=True)
     e = jnp.exp(jnp.where(strict, gcum[:, None] - gcum[None, :], 0.0))
     dae = jnp.where(strict, da * e, 0.0)
     dkk = dae * beta[:, None]
-    dk = dk + mm(dkk, k) + mm(dkk, k, ta=True)
+    dvb = mm(t, du, ta=True)
+    dv = dvb * beta[:, None]
 
-    dbeta = (jnp.sum(dvb * v, axis=1) + jnp.sum(dkb * k, axis=1) * eg + jnp.sum(dae * kk, axis=1))
     m_p = dp * p
-    m_a = dae * kk * beta[:, None]                  # dA * A
-    kd_term = jnp.sum(kd * u_ds, axis=1)
-    dg = (jnp.sum(dkb * kb, axis=1) + jnp.sum(do_s0 * q, axis=1) * eg
-          + jnp.sum(m_p, axis=1) - jnp.sum(m_p, axis=0)
-          + jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0)
-          - kd_term)
-    g_last = jnp.sum(kd_term) + egl * jnp.sum(ds * s0)
+    m_a = dae * kk * beta[:, None]                    # dA * A
+    dbeta = jnp.sum(dvb * v, axis=1) + jnp.sum(dae * kk, axis=1)
+    dg = (jnp.sum(m_p, axis=1) - jnp.sum(m_p, axis=0)
+          + jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0))
+    g_last = None
+    dqs, dks, ds0s = [], [], []
+    for q_b, k_b, kb_b, s0_b, ds_b in zip(qs, ks, kbs, s0s, dss):
+        w_b = mm(t, kb_b)
+        ds0s.append(mm(q_b * eg[:, None], do, ta=True) + egl * ds_b - mm(w_b, du, ta=True))
+        do_s0 = mm(do, s0_b, tb=True)
+        dqs.append(mm(dpd, k_b) + eg[:, None] * do_s0)
+        u_ds = mm(u, ds_b, tb=True)
+        dkb = -mm(t, mm(du, s0_b, tb=True), ta=True)    # T^T dW
+        dks.append(mm(dpd, q_b, ta=True) + ekd * u_ds + dkb * beg + mm(dkk, k_b)
+                   + mm(dkk, k_b, ta=True))
+        kd_term = jnp.sum(k_b * ekd * u_ds, axis=1)
+        dbeta = dbeta + jnp.sum(dkb * k_b, axis=1) * eg
+        dg = dg + jnp.sum(dkb * kb_b, axis=1) + jnp.sum(do_s0 * q_b, axis=1) * eg - kd_term
+        gl_b = jnp.sum(kd_term) + egl * jnp.sum(ds_b * s0_b)
+        g_last = gl_b if g_last is None else g_last + gl_b
     dg = dg + jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, g_last, 0.0)
-    return dq, dk, dv, dbeta, dg, ds0
+    return dqs, dks, dv, dbeta, dg, ds0s
 
 
-def _bwd_kernel(*refs, chunk, num_segments, has_init, precision):
+def _bwd_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
     refs = list(refs)
     dinit_ref = refs.pop() if has_init else None
     dg_ref, dbeta_ref, dv_ref, dk_ref, dq_ref = (refs.pop() for _ in range(5))
@@ -99,43 +113,47 @@ def _bwd_kernel(*refs, chunk, num_segments, has_init, precision):
     lo = lo_ref[p_id]
     hi = hi_ref[p_id]
     dk_dim, bv = dfinal_ref.shape
+    kblocks = [pl.ds(i * block_k, block_k) for i in range(dk_dim // block_k)]
 
-    def run_chunk(c, ds):
-        ds = jax.lax.cond(c == hi - 1, lambda: dfinal_ref[...].astype(F32),
-                          lambda: jnp.where(last_ref[c] != 0, 0.0, ds))
+    def run_chunk(c, dss):
+        dss = jax.lax.cond(
+            c == hi - 1, lambda: tuple(dfinal_ref[kb, :].astype(F32) for kb in kblocks),
+            lambda: tuple(jnp.where(last_ref[c] != 0, 0.0, d) for d in dss))
         rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        q = q_ref[rows, :].astype(F32)
-        k = k_ref[rows, :].astype(F32)
+        qs = [q_ref[rows, kb].astype(F32) for kb in kblocks]
+        ks = [k_ref[rows, kb].astype(F32) for kb in kblocks]
         v = v_ref[rows, :].astype(F32)
         beta = beta_ref[rows].astype(F32)
         gcum = g_ref[rows]
         gl = g_ref[c * chunk + chunk - 1]
         t = t_ref[rows, :]
-        s0 = h_ref[c]
+        s0s = [h_ref[c, kb, :] for kb in kblocks]
         do = do_ref[rows, :].astype(F32)
-        dq, dk, dv, dbeta, dg, ds0 = chunk_step_bwd(q, k, v, beta, gcum, gl, t, s0, do, ds,
-                                                    precision)
-        dq_ref[rows, :] = dq
-        dk_ref[rows, :] = dk
+        dqs, dks, dv, dbeta, dg, ds0s = chunk_step_bwd(qs, ks, v, beta, gcum, gl, t, s0s, do,
+                                                       list(dss), precision)
+        for kb, dq_b, dk_b in zip(kblocks, dqs, dks):
+            dq_ref[rows, kb] = dq_b
+            dk_ref[rows, kb] = dk_b
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
         dbeta_ref[rows] = dbeta
         dg_ref[rows] = dg
         if dinit_ref is not None:
             @pl.when(first_ref[c] != 0)
             def _():
-                dinit_ref[...] = dinit_ref[...] + ds0
-        return ds0
+                for kb, d in zip(kblocks, ds0s):
+                    dinit_ref[kb, :] = dinit_ref[kb, :] + d
+        return tuple(ds0s)
 
-    def body(i, ds):
+    def body(i, dss):
         c = hi - 1 - i
-        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, ds)
+        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, dss)
 
-    jax.lax.fori_loop(0, hi - lo, body, jnp.zeros((dk_dim, bv), F32))
+    jax.lax.fori_loop(0, hi - lo, body, tuple(jnp.zeros((block_k, bv), F32) for _ in kblocks))
 
 
 def backward_call(q, k, v, beta_t, gcum_t, t, h, do, dfinal, lo, hi, seg, first, last, *,
                   chunk, num_segments, block_v, has_init, precision="tf32", interpret=False,
-                  num_warps=4, num_stages=1):
+                  num_warps=4, num_stages=1, block_k=64):
     """Returns (dq_parts [NV,B,L,H,dk], dk_parts, dv [B,L,H,dv] f32, dbeta_parts [NV,B,H,L],
     dG_parts [NV,B,H,L], dinit [B,S,H,dk,dv] or None).  Parts hold garbage on unvisited chunks."""
     b, l, hh, dk = q.shape
@@ -181,7 +199,7 @@ def backward_call(q, k, v, beta_t, gcum_t, t, h, do, dfinal, lo, hi, seg, first,
         out_specs.append(state_spec)
         aliases[n_in] = 5
     kernel = functools.partial(_bwd_kernel, chunk=chunk, num_segments=s, has_init=has_init,
-                               precision=prec)
+                               block_k=min(block_k, dk), precision=prec)
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -216,7 +234,8 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dq_p, dk_p, dv_, dbeta_p, dg_p, dinit = backward_call(
         qp, kp, vp, beta_t, gcum_t, t, h, do_p, dfinal_p, lo, hi, seg, first, last,
         chunk=chunk, num_segments=num_segments, block_v=block_v, has_init=has_init,
-        precision=config.precision, interpret=interpret, num_warps=config.bwd_num_warps)
+        precision=config.precision, interpret=interpret, num_warps=config.bwd_num_warps,
+        block_k=config.block_k)
     used = jnp.repeat(chunk_segment >= 0, chunk, axis=1)            # [B, L]
     dq = jnp.sum(jnp.where(used[None, :, :, None, None], dq_p, 0.0), axis=0)[..., :dk]
     dk_ = jnp.sum(jnp.where(used[None, :, :, None, None], dk_p, 0.0), axis=0)[..., :dk]

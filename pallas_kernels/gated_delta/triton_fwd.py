@@ -82,19 +82,34 @@ def ut_transform(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_
 # Kernel 2: sequential walk over a segment's chunks
 # ------------------------------------------------------------------------------------------------
 
-def chunk_step(q, k, v, beta, gcum, gl, t, state, precision):
-    """One chunk of the recurrence.  Returns (o [C, BV], new state [dk, BV], u [C, BV])."""
+def chunk_step(qs, ks, v, beta, gcum, gl, t, states, precision):
+    """One chunk of the recurrence with the key dimension split into blocks.
+
+    qs, ks: lists of [C, BK] tiles; states: list of [BK, BV] tiles (the state's key-row blocks).
+    Returns (o [C, BV], new state tiles).  Keeping every operand at most [C, 64] / [64, BV] keeps
+    registers and shared memory in bounds for dk up to 256 (see NOTES_kernels.md).
+    """
+    mm = functools.partial(cm.mm, precision=precision)
     eg = jnp.exp(gcum)
-    w = cm.mm(t, k * (beta * eg)[:, None], precision)                  # [C, dk]
-    u = cm.mm(t, v * beta[:, None], precision) - cm.mm(w, state, precision)
-    p = cm.mm(q, k, precision, tb=True) * cm.causal_decay(gcum)
-    o = cm.mm(q * eg[:, None], state, precision) + cm.mm(p, u, precision)
-    kd = k * jnp.exp(gl - gcum)[:, None]
-    new_state = jnp.exp(gl) * state + cm.mm(kd, u, precision, ta=True)
-    return o, new_state, u
+    beg = (beta * eg)[:, None]
+    u = mm(t, v * beta[:, None])
+    for k_b, s_b in zip(ks, states):
+        u = u - mm(mm(t, k_b * beg), s_b)                     # U = T Vb - (T Kb) S
+    p = None
+    o = None
+    for q_b, k_b, s_b in zip(qs, ks, states):
+        pb = mm(q_b, k_b, tb=True)
+        ob = mm(q_b * eg[:, None], s_b)
+        p = pb if p is None else p + pb
+        o = ob if o is None else o + ob
+    o = o + mm(p * cm.causal_decay(gcum), u)
+    ekd = jnp.exp(gl - gcum)[:, None]
+    egl = jnp.exp(gl)
+    new_states = [egl * s_b + mm(k_b * ekd, u, ta=True) for k_b, s_b in zip(ks, states)]
+    return o, new_states
 
 
-def _recurrence_kernel(*refs, chunk, num_segments, has_init, store_h, precision):
+def _recurrence_kernel(*refs, chunk, num_segments, has_init, store_h, block_k, precision):
     refs = list(refs)
     h_ref = refs.pop() if store_h else None
     final_ref = refs.pop()
@@ -107,39 +122,42 @@ def _recurrence_kernel(*refs, chunk, num_segments, has_init, store_h, precision)
     lo = lo_ref[p]
     hi = hi_ref[p]
     dk, bv = final_ref.shape
+    kblocks = [pl.ds(i * block_k, block_k) for i in range(dk // block_k)]
 
     def load_init():
         if init_ref is None:
-            return jnp.zeros((dk, bv), F32)
-        return init_ref[...].astype(F32)
+            return tuple(jnp.zeros((block_k, bv), F32) for _ in kblocks)
+        return tuple(init_ref[kb, :].astype(F32) for kb in kblocks)
 
-    def run_chunk(c, state):
-        state = jax.lax.cond(first_ref[c] != 0, load_init, lambda: state)
+    def run_chunk(c, states):
+        states = jax.lax.cond(first_ref[c] != 0, load_init, lambda: states)
         if h_ref is not None:
-            h_ref[c] = state
+            for kb, s_b in zip(kblocks, states):
+                h_ref[c, kb, :] = s_b
         rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        q = q_ref[rows, :].astype(F32)
-        k = k_ref[rows, :].astype(F32)
+        qs = [q_ref[rows, kb].astype(F32) for kb in kblocks]
+        ks = [k_ref[rows, kb].astype(F32) for kb in kblocks]
         v = v_ref[rows, :].astype(F32)
         beta = beta_ref[rows].astype(F32)
         gcum = g_ref[rows]
         gl = g_ref[c * chunk + chunk - 1]
         t = t_ref[rows, :]
-        o, new_state, _ = chunk_step(q, k, v, beta, gcum, gl, t, state, precision)
+        o, new_states = chunk_step(qs, ks, v, beta, gcum, gl, t, states, precision)
         o_ref[rows, :] = o.astype(o_ref.dtype)
-        return new_state
+        return tuple(new_states)
 
-    def body(c, state):
-        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, state)
+    def body(c, states):
+        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, states)
 
     final = jax.lax.fori_loop(lo, hi, body, load_init())
-    final_ref[...] = final
+    for kb, s_b in zip(kblocks, final):
+        final_ref[kb, :] = s_b
 
 
 def chunk_recurrence(q, k, v, beta_t, gcum_t, t, init, lo, hi, seg, first, *, chunk: int,
                      num_segments: int, block_v: int, precision: str = "tf32",
                      interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                     store_h: bool = False):
+                     store_h: bool = False, block_k: int = 64):
     """Runs the state walk.  Shapes: q, k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L];
     t [B, H, L, C]; init [B, S, H, dk, dv] or None; lo, hi [B*S]; seg, first [B, Nc].
     Returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv] float32, h) where h (only with
@@ -174,7 +192,8 @@ def chunk_recurrence(q, k, v, beta_t, gcum_t, t, init, lo, hi, seg, first, *, ch
     in_specs.append(o_spec)
     args.append(jnp.zeros((b, l, h, dv), F32))
     kernel = functools.partial(_recurrence_kernel, chunk=chunk, num_segments=s,
-                               has_init=init is not None, store_h=store_h, precision=prec)
+                               has_init=init is not None, store_h=store_h,
+                               block_k=min(block_k, dk), precision=prec)
     out_shape = [jax.ShapeDtypeStruct((b, l, h, dv), F32), jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)]
     out_specs = [o_spec, state_spec]
     if store_h:
