@@ -186,6 +186,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-shapes", nargs="*", type=int, default=None)
+    ap.add_argument("--skip-xla", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="time each kernel alone")
     ap.add_argument("--config", default="{}", help="JSON Config fields for the main runs")
     ap.add_argument("--budget-s", type=float, default=300.0)
@@ -200,12 +202,12 @@ def main():
     print("device:", res.data["device"], "backend:", res.data["backend"], flush=True)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
 
-    for shape in shapes:
+    for si, shape in enumerate(shapes):
         name = ",".join(map(str, shape))
         inputs, r = make_inputs(shape)
         pf, pg = make_fns("pallas", r)
         xf, xg = make_fns("xla", r)
-        if not args.no_check:
+        if not args.no_check and (args.check_shapes is None or si in args.check_shapes):
             try:
                 row = {"shape": name}
                 o = pf(*inputs)
@@ -224,7 +226,8 @@ def main():
             except Exception as e:  # noqa: BLE001
                 res.add("errors", {"shape": name, "stage": "check", "error": repr(e)[:2000]})
                 traceback.print_exc()
-        for impl, f, g in (("pallas", pf, pg), ("xla", xf, xg)):
+        impls = (("pallas", pf, pg),) + (() if args.skip_xla else (("xla", xf, xg),))
+        for impl, f, g in impls:
             for what, fn in (("fwd", f), ("fwdbwd", g)):
                 try:
                     res.add("timing", dict(shape=name, impl=impl, what=what,
