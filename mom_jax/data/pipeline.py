@@ -1,6 +1,7 @@
 """grain input pipelines for MQAR and text, with checkpointable iterators and per-process shards.
 
-Batches are dicts of numpy arrays (``B`` = per-process batch = ``batch_size // process_count``)::
+Batches are dicts of numpy arrays (``B`` = ``batch_size``, the rows of this process; the global
+batch is ``batch_size * process_count``)::
 
     inputs        int32   [B, T]  token ids
     targets       int32   [B, T]  next-token ids (always valid ids; use loss_mask)
@@ -10,14 +11,15 @@ Batches are dicts of numpy arrays (``B`` = per-process batch = ``batch_size // p
 Training (:func:`make_train_iterator`): the example set (MQAR: ``num_train_examples`` sequences
 generated from ``seed``; text: the packed windows of the training documents) is cut into
 ``process_count`` disjoint, equally long strided shards (``examples[process_index::process_count]``,
-the remainder dropped), each shard is shuffled with ``seed`` (a fresh permutation every epoch),
+the remainder dropped); each shard is shuffled with ``seed`` (a fresh permutation every epoch),
 repeated forever and batched. The returned ``grain.DatasetIterator`` has ``get_state()`` /
 ``set_state()``: restoring a saved state yields exactly the batches that followed it.
 
 Evaluation (:func:`make_eval_batches`): a finite, deterministic list of global batches (MQAR:
 ``num_test_examples`` new sequences per value of ``num_kv_pairs``, one value per batch; text: the
-validation documents' windows in order). The last batch of a group is padded to ``batch_size`` with
-rows whose ``loss_mask`` is 0, so every batch has the same shape.
+validation documents' windows in order). The last batch of a group is padded with rows whose
+``loss_mask`` is 0, so every batch has the same shape. With ``process_count > 1`` every process gets
+the same number of batches and its own rows of each global batch.
 """
 
 from __future__ import annotations
@@ -75,13 +77,22 @@ def default_text_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _kv_values(cfg) -> tuple[int, ...]:
     kv = cfg.num_kv_pairs
-    values = (kv,) if isinstance(kv, (int, np.integer)) and not isinstance(kv, bool) else tuple(kv)
+    if _is_int(kv):
+        values = (kv,)
+    elif isinstance(kv, (list, tuple)):
+        values = tuple(kv)
+    else:
+        raise ValueError(f"MQAR config: num_kv_pairs must be an int or a list of ints, got {kv!r}")
     if not values:
         raise ValueError("MQAR config: num_kv_pairs is empty")
     for k in values:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not _is_int(k) or k < 1:
             raise ValueError(f"MQAR config: num_kv_pairs must be positive ints, got {cfg.num_kv_pairs!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"MQAR config: num_kv_pairs has repeated values: {values}")
@@ -94,30 +105,26 @@ def _require(cfg, *fields: str) -> None:
         raise ValueError(f"data config {cfg.get('name')!r} lacks field(s) {missing}")
 
 
-def validate_config(cfg, *, seq_len: int | None = None, batch_size: int | None = None,
-                    process_count: int = 1) -> None:
+def validate_config(cfg, *, seq_len: int | None = None, batch_size: int | None = None) -> None:
     """Rejects a bad data config with a clear ValueError, cheaply (no data is built).
 
     Checks the dataset name and its fields, MQAR's sequence-length / vocabulary constraints, the
-    tokenizer name, text paths (existence and extensions), and the batch split over processes.
+    tokenizer name, text paths (existence and extensions), seq_len and batch_size.
     """
     name = cfg.get("name") if hasattr(cfg, "get") else None
     if name not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset name {name!r}; expected one of {DATASET_NAMES}.")
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+    if seq_len is not None and (not _is_int(seq_len) or seq_len < 1):
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if process_count < 1 or batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} (global) must be divisible by "
-                             f"process_count={process_count}")
     if name == "mqar":
         _require(cfg, "vocab_size", "num_kv_pairs", "num_train_examples", "num_test_examples",
                  "power_a")
         kvs = _kv_values(cfg)
         for field in ("num_train_examples", "num_test_examples"):
-            if not isinstance(cfg[field], int) or cfg[field] < 1:
+            if not _is_int(cfg[field]) or cfg[field] < 1:
                 raise ValueError(f"MQAR config: {field} must be a positive int, got {cfg[field]!r}")
         if cfg.num_train_examples < len(kvs):
             raise ValueError(f"MQAR config: num_train_examples={cfg.num_train_examples} is fewer than "
@@ -151,11 +158,21 @@ def _paths(cfg) -> tuple[str, ...]:
 
 
 def get_vocab_size(cfg) -> int:
-    """The vocabulary size a model needs for this data config."""
+    """The vocabulary size a model needs for this data config (ids are in [0, vocab_size))."""
     validate_config(cfg)
     if cfg.name == "mqar":
         return int(cfg.vocab_size)
     return get_tokenizer(cfg.tokenizer).vocab_size
+
+
+vocab_size = get_vocab_size
+
+
+def _check_processes(process_index: int, process_count: int) -> None:
+    if not _is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index!r} not in [0, process_count={process_count})")
 
 
 def _token_streams(cfg) -> text_lib.TokenStreams:
@@ -192,7 +209,7 @@ def make_train_iterator(cfg, *, batch_size: int, seq_len: int, seed: int, proces
 
     Args:
       cfg: data ConfigDict (``default_mqar_config()`` / ``default_text_config()`` or alike).
-      batch_size: GLOBAL batch size; each process yields ``batch_size // process_count`` rows.
+      batch_size: rows per batch of THIS process (global batch = batch_size * process_count).
       seq_len: T.
       seed: data seed (MQAR examples and the shuffle order).
       process_index, process_count: this process's shard of the examples (disjoint across processes).
@@ -201,9 +218,8 @@ def make_train_iterator(cfg, *, batch_size: int, seq_len: int, seed: int, proces
       grain DatasetIterator of batches (module docstring); ``get_state()`` is a small dict
       (``{"next_index": n}``) to store with a checkpoint and give back to ``set_state()``.
     """
-    validate_config(cfg, seq_len=seq_len, batch_size=batch_size, process_count=process_count)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    validate_config(cfg, seq_len=seq_len, batch_size=batch_size)
+    _check_processes(process_index, process_count)
     source = train_source(cfg, seq_len=seq_len, seed=seed)
     per_process = len(source) // process_count
     if per_process < 1:
@@ -212,7 +228,7 @@ def make_train_iterator(cfg, *, batch_size: int, seq_len: int, seed: int, proces
     ds = grain.MapDataset.source(source)
     ds = ds[process_index:per_process * process_count:process_count]
     ds = ds.shuffle(seed=int(seed)).repeat(None)
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
     return iter(ds.to_iter_dataset(read_options=_READ_OPTIONS))
 
 
@@ -237,33 +253,41 @@ def _batches(source, indices: np.ndarray, batch_size: int, extra: dict[str, Any]
 
 
 def make_eval_batches(cfg, *, batch_size: int, seq_len: int, seed: int, process_index: int = 0,
-                      process_count: int = 1, max_batches: int | None = None) -> list[Batch]:
+                      process_count: int = 1, num_batches: int | None = None) -> list[Batch]:
     """Finite, deterministic evaluation batches (module docstring for the format).
 
     MQAR: for each K in ``num_kv_pairs``, ``num_test_examples`` fresh sequences from ``seed``'s test
-    stream (independent of the training set, even for the same seed), ``ceil(n / batch_size)`` batches
-    holding only that K. Text: the validation windows in order (``seed`` is unused).
+    stream (independent of the training set, even for the same seed), in batches that hold only that
+    K. Text: the validation windows in order (``seed`` is unused).
 
     Args:
-      batch_size: GLOBAL batch; with ``process_count > 1`` each process gets rows
-        ``[process_index * B, (process_index + 1) * B)`` of every batch, ``B = batch_size // process_count``.
-      max_batches: keep only the first ``max_batches`` batches (MQAR: per K value).
+      batch_size: rows per batch of THIS process; the global batches have
+        ``batch_size * process_count`` rows and this process gets rows
+        ``[process_index * batch_size, (process_index + 1) * batch_size)`` of each.
+      num_batches: keep at most this many (global) batches, the first ones; for MQAR they are shared
+        evenly by the K values (at least one batch each) so every K is still reported.
+
+    Returns:
+      list of batches, identical for every call with the same arguments.
     """
-    validate_config(cfg, seq_len=seq_len, batch_size=batch_size, process_count=process_count)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    limit = None if max_batches is None else max_batches * batch_size
+    validate_config(cfg, seq_len=seq_len, batch_size=batch_size)
+    _check_processes(process_index, process_count)
+    if num_batches is not None and (not _is_int(num_batches) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    global_batch = batch_size * process_count
     batches: list[Batch] = []
     if cfg.name == "mqar":
-        for k in _kv_values(cfg):
-            n = cfg.num_test_examples if limit is None else min(cfg.num_test_examples, limit)
+        kvs = _kv_values(cfg)
+        per_kv = None if num_batches is None else max(1, num_batches // len(kvs))
+        for k in kvs:
+            n = cfg.num_test_examples
+            if per_kv is not None:
+                n = min(n, per_kv * global_batch)
             source = mqar_lib.MQARExamples(
                 seed=seed, split="test", num_examples={k: n}, seq_len=seq_len,
                 vocab_size=cfg.vocab_size, power_a=cfg.power_a,
                 random_non_queries=cfg.get("random_non_queries", True))
-            batches.extend(_batches(source, np.arange(len(source)), batch_size))
+            batches.extend(_batches(source, np.arange(len(source)), global_batch))
     else:
         streams = _token_streams(cfg)
         if streams.num_val_documents == 0:
@@ -272,12 +296,11 @@ def make_eval_batches(cfg, *, batch_size: int, seq_len: int, seed: int, process_
         if len(source) == 0:
             raise ValueError(f"The validation text has {len(streams.val)} tokens, fewer than one window "
                              f"of seq_len + 1 = {seq_len + 1}; raise val_fraction or lower seq_len.")
-        n = len(source) if limit is None else min(len(source), limit)
-        batches = _batches(source, np.arange(n), batch_size)
+        n = len(source) if num_batches is None else min(len(source), num_batches * global_batch)
+        batches = _batches(source, np.arange(n), global_batch)
     if process_count > 1:
-        local = batch_size // process_count
-        sl = slice(process_index * local, (process_index + 1) * local)
-        batches = [{key: value[sl] for key, value in b.items()} for b in batches]
+        rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        batches = [{key: value[rows] for key, value in b.items()} for b in batches]
     return batches
 
 
