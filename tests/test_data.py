@@ -527,3 +527,14 @@ def test_mqar_config_errors():
 def test_mqar_module_reexports():
     assert data.MQARExamples is mqar.MQARExamples
     assert data.SUPPORTED_EXTENSIONS == (".txt", ".jsonl", ".parquet", ".array_record")
+
+
+def test_mqar_single_int_num_kv_pairs():
+    cfg = data.default_mqar_config()
+    del cfg["num_kv_pairs"]
+    cfg.num_kv_pairs = 3                                            # an int instead of a list
+    cfg.num_train_examples, cfg.num_test_examples, cfg.vocab_size = 20, 4, 32
+    b = next(data.make_train_iterator(cfg, batch_size=4, seq_len=12, seed=0))
+    assert np.all(b["num_kv_pairs"] == 3) and np.all(b["loss_mask"].sum(1) == 3)
+    ev = data.make_eval_batches(cfg, batch_size=4, seq_len=12, seed=0)
+    assert len(ev) == 1 and np.all(ev[0]["num_kv_pairs"] == 3)
