@@ -72,10 +72,17 @@ def validate(config) -> ModelConfig:
                           f"devices ({n_dev})")
     if not tr.lr > 0:
         raise ConfigError(f"train.lr must be > 0, got {tr.lr}")
+    if tr.get("stop_at_step", 0) < 0:
+        raise ConfigError(f"train.stop_at_step must be >= 0, got {tr.stop_at_step}")
     if tr.aux_weight < 0:
         raise ConfigError(f"train.aux_weight must be >= 0, got {tr.aux_weight}")
     model_cfg = build_model_config(config.model)
-    data_vocab = pipeline.vocab_size(config.data)
+    try:
+        pipeline.validate_config(config.data, seq_len=tr.seq_len,
+                                 batch_size=tr.batch_size // jax.process_count())
+        data_vocab = pipeline.get_vocab_size(config.data)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from None
     if data_vocab > model_cfg.vocab_size:
         raise ConfigError(f"the data uses {data_vocab} token ids but model.vocab_size is "
                           f"{model_cfg.vocab_size}")
@@ -87,8 +94,12 @@ class Stopper:
 
     def __init__(self):
         self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         del frame
@@ -128,7 +139,8 @@ def train(config) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=1))
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
@@ -206,23 +218,27 @@ def train(config) -> dict:
             load = ""
             if "router_load" in rec:
                 load = " load[L0]=" + "/".join(f"{x:.2f}" for x in rec["router_load"][0])
+            note = " (incl. compilation)" if step == start + 1 else ""
             print(f"step {step:>6}/{tr.steps} loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} "
                   f"gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} "
-                  f"{rec['tokens_per_s']:,.0f} tok/s {1e3 * rec['step_time_s']:.0f} ms/step"
+                  f"{rec['tokens_per_s']:,.0f} tok/s {1e3 * rec['step_time_s']:.0f} ms/step{note}"
                   + (f" aux {rec['aux']:.3f}" + load if "aux" in rec else ""), flush=True)
             window_t0, window_tokens = time.perf_counter(), 0.0
         if tr.eval_every and step % tr.eval_every == 0 and step < tr.steps:
             last = evaluate(eval_step, params, eval_batches, shard)
             log(dict(step=step, eval=last))
             print(f"  eval @ {step}: {json.dumps(last)}", flush=True)
+        if tr.get("stop_at_step", 0) and step >= tr.stop_at_step and step < tr.steps:
+            stopper.requested = f"train.stop_at_step={tr.stop_at_step}"
         ckpt.save(step, params=params, opt_state=opt_state, data_state=data_iter.get_state(),
                   force=stopper.requested is not None)
         if stopper.requested:
-            print(f"{stopper.requested} received: saved checkpoint at step {step}; exiting",
-                  flush=True)
+            print(f"{stopper.requested}: saved checkpoint at step {step}; stopping "
+                  f"(continue with --config.resume=True)", flush=True)
             metrics_file.close()
             ckpt.close()
-            sys.exit(0)
+            stopper.restore()
+            return dict(stopped_at=step)
     ckpt.save(step, params=params, opt_state=opt_state, data_state=data_iter.get_state(),
               force=True)
     last = evaluate(eval_step, params, eval_batches, shard)
@@ -230,6 +246,7 @@ def train(config) -> dict:
     print(f"final eval @ {step}: {json.dumps(last)}", flush=True)
     metrics_file.close()
     ckpt.close()
+    stopper.restore()
     return last
 
 

@@ -34,6 +34,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         eval_batches=8,
         checkpoint_every=500,
         keep_checkpoints=3,
+        stop_at_step=0,          # > 0: save and stop once this step is reached (time-limited jobs)
     )
     unknown = set(overrides) - set(fields)
     if unknown:

@@ -30,6 +30,8 @@ class Checkpointer:
 
     def save(self, step: int, *, params, opt_state, data_state: dict, force: bool = False) -> bool:
         """Saves if ``step`` is on the save interval (or ``force``).  Returns whether it saved."""
+        if self._manager.latest_step() == step:   # e.g. a periodic save just took this step
+            return False
         state = dict(params=params, opt_state=opt_state, step=step)
         saved = self._manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -96,7 +96,7 @@ def make_train_step(model_fn: ModelFn, tx, *, topk: int, aux_weight: float, grad
             metrics["tokens"] = metrics["tokens"] * grad_accum
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, metrics
 
     return train_step
