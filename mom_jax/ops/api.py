@@ -98,6 +98,8 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
     if rule == "gla":
         common.validate_gate("g", g, (b, t, h, dk), op)
     if rule in _DELTA_RULES:
+        if beta is None:  # the scan would silently skip every write, the chunked form would crash
+            raise ValueError(f"{op}: beta is required (shape {[b, t, h]}), got None")
         common.validate_gate("beta", beta, (b, t, h), op)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")

@@ -56,7 +56,7 @@ def _scan_chunks(step_fn, per_chunk, layout: PackedLayout, init_state, state_sha
     first = layout.chunk_first().T
     last = layout.chunk_last().T
     init = (jnp.zeros((b, s) + state_shape[1:], _F32) if init_state is None
-            else init_state.astype(_F32))
+            else jnp.asarray(init_state, _F32))  # a NumPy array can't be indexed by tracers
     rows = jnp.arange(b)
 
     def step(carry, xs):

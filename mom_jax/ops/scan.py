@@ -53,7 +53,7 @@ def recurrent_scan(
     dv = v.shape[-1]
     f32 = jnp.float32
     init = (jnp.zeros((b, num_segments, h, dk, dv), f32) if initial_state is None
-            else initial_state.astype(f32))
+            else jnp.asarray(initial_state, f32))  # a NumPy array can't be indexed by tracers
     zeros_g = jnp.zeros((b, t, h), f32)
     xs = (
         jnp.moveaxis(q.astype(f32), 1, 0), jnp.moveaxis(k.astype(f32), 1, 0),
