@@ -67,19 +67,29 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--impl", default="auto", help="comma list, e.g. xla,pallas")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dev = jax.devices()[0].device_kind
     print(f"device: {dev}, jax {jax.__version__}", flush=True)
     rows = []
-    for v in args.variants.split(","):
-        row = bench(v, args.steps, args.batch, args.seq, args.impl)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\n| model | params | step ms | tokens/s | peak GiB |  ({dev}, B{args.batch} T{args.seq})")
+    for impl in args.impl.split(","):
+        for v in args.variants.split(","):
+            if impl != args.impl.split(",")[0] and v == "transformer":
+                continue   # attention has no recurrent kernel: one measurement is enough
+            try:
+                row = bench(v, args.steps, args.batch, args.seq, impl)
+            except Exception as e:  # keep measuring the others; report the failure
+                row = dict(variant=v, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n| model | impl | params | step ms | tokens/s | peak GiB |  "
+          f"({dev}, B{args.batch} T{args.seq})")
     for r in rows:
-        print(f"| {r['variant']} | {r['params_m']:.0f}M | {r['step_ms']:.1f} | "
+        if "error" in r:
+            print(f"| {r['variant']} | {r['impl']} | failed: {r['error'][:80]} |")
+            continue
+        print(f"| {r['variant']} | {r['impl']} | {r['params_m']:.0f}M | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
     if args.out:
         with open(args.out, "w") as f:
