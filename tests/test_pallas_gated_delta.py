@@ -180,9 +180,10 @@ def test_several_key_and_value_tiles():
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
 
 
-def test_xla_backward_config_matches():
-    case = make_case("packed", seed=7)
-    gp = grads(case, "pallas", gd_api.Config(bwd="xla"))
+@pytest.mark.parametrize("bwd", ["xla", "pallas_fused"])
+def test_other_backward_configs_match(bwd):
+    case = make_case("split_runs" if bwd == "pallas_fused" else "packed", seed=7)
+    gp = grads(case, "pallas", gd_api.Config(bwd=bwd))
     gs = grads(case, "scan")
     for n in gs:
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
@@ -272,7 +273,8 @@ def test_triton_kernels_lower_for_cuda(monkeypatch):
         lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton"))).trace(
             *_abstract_args()).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3  # UT transform, state walk, backward
+    # UT transform, forward state walk, backward state walk, chunk-parallel gradients
+    assert text.count("__gpu$xla.gpu.triton") == 4
 
 
 # ------------------------------------------------------------------------------------------------

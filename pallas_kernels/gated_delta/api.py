@@ -29,23 +29,28 @@ class Config:
     """Static knobs of the kernels (hashable; part of the jit cache key).
 
     backend: "auto" (mosaic on TPU, else triton), "triton" or "mosaic".
-    precision: dot precision on GPU for the state walk: "tf32", "tf32x3", "ieee" or "bf16".
+    precision: dot precision on GPU for the state walk and the backward: "bf16" (operands rounded
+      to bfloat16, float32 accumulation and state; like flash-linear-attention, and the fastest:
+      see benchmarks/NOTES_kernels.md), "tf32", "tf32x3" or "ieee".  On TPU: bf16 -> DEFAULT,
+      tf32 -> HIGH, else HIGHEST.
     ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
       Interpret mode is always float32.
     block_v: value-dimension block of one program (None: min(dv, 64)).
     block_k: key-dimension tile inside a program (the state is held as dk/block_k tiles).
-    bwd: "pallas" (backward kernels where the backend has them) or "xla".
+    bwd: "pallas" (Triton: a sequential walk for the state cotangents, then a chunk-parallel
+      gradient kernel), "pallas_fused" (one sequential kernel doing everything; slower, kept for
+      comparison) or "xla" (VJP of the chunked XLA form).  Mosaic always uses "xla".
     """
     backend: str = "auto"
-    precision: str = "tf32"
+    precision: str = "bf16"
     ut_precision: str = "tf32x3"
     block_v: int | None = None
     block_k: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
     bwd: str = "pallas"
     bwd_block_v: int | None = None
-    bwd_num_warps: int = 4
+    bwd_num_warps: int = 8
 
 
 DEFAULT_CONFIG = Config()
@@ -113,7 +118,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     lo, hi, seg, first = cm.segment_ranges(layout)
     t = triton_fwd.ut_transform(kp, beta_t, gcum_t, chunk, interpret=interpret,
                                 precision=config.ut_precision)
-    store_h = for_bwd and config.bwd == "pallas"
+    store_h = for_bwd and config.bwd in ("pallas", "pallas_fused")
     o, final, h = triton_fwd.chunk_recurrence(
         qp, kp, vp, beta_t, gcum_t, t, initp, lo, hi, seg, first, chunk=chunk,
         num_segments=num_segments, block_v=block_v, precision=config.precision,
@@ -154,7 +159,8 @@ def _xla_vjp(res, cts, num_segments, chunk, has_g):
 
 def _core_bwd(num_segments, chunk, has_g, config, res, cts):
     do, dfinal = cts
-    use_pallas = config.bwd == "pallas" and _backend(config) == "triton" and res[-1] is not None
+    use_pallas = (config.bwd in ("pallas", "pallas_fused") and _backend(config) == "triton"
+                  and res[-1] is not None)
     if use_pallas:
         from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
         grads = triton_bwd.backward(res, do, dfinal, num_segments=num_segments, chunk=chunk,

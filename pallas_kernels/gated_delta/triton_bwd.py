@@ -214,6 +214,165 @@ def backward_call(q, k, v, beta_t, gcum_t, t, h, do, dfinal, lo, hi, seg, first,
     return tuple(outs) + ((None,) if not has_init else ())
 
 
+# ------------------------------------------------------------------------------------------------
+# Split backward: a light sequential walk for dS, then every chunk's gradients in parallel
+# ------------------------------------------------------------------------------------------------
+
+def chunk_step_ds(qs, ks, beta, gcum, gl, t, do, dss, precision):
+    """Only the state cotangent through one chunk: dS0 = (e^G Q)^T dO + e^{G_C} dS - W^T du with
+    du = P^T dO + Kd dS (no u, no S0 needed)."""
+    mm = functools.partial(cm.mm, precision=precision)
+    eg = jnp.exp(gcum)
+    beg = (beta * eg)[:, None]
+    ekd = jnp.exp(gl - gcum)[:, None]
+    p = du = None
+    for q_b, k_b, ds_b in zip(qs, ks, dss):
+        pb, dub = mm(q_b, k_b, tb=True), mm(k_b * ekd, ds_b)
+        p = pb if p is None else p + pb
+        du = dub if du is None else du + dub
+    du = du + mm(p * cm.causal_decay(gcum), do, ta=True)
+    egl = jnp.exp(gl)
+    return [mm(q_b * eg[:, None], do, ta=True) + egl * ds_b - mm(mm(t, k_b * beg), du, ta=True)
+            for q_b, k_b, ds_b in zip(qs, ks, dss)]
+
+
+def _dh_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
+    refs = list(refs)
+    dinit_ref = refs.pop() if has_init else None
+    dh_ref = refs.pop()
+    if has_init:
+        refs.pop()  # zeros aliased to dinit
+    (lo_ref, hi_ref, seg_ref, last_ref, first_ref, q_ref, k_ref, beta_ref, g_ref, t_ref, do_ref,
+     dfinal_ref) = refs
+    p_id = pl.program_id(0)
+    s = p_id % num_segments
+    lo = lo_ref[p_id]
+    hi = hi_ref[p_id]
+    dk_dim, bv = dfinal_ref.shape
+    kblocks = [pl.ds(i * block_k, block_k) for i in range(dk_dim // block_k)]
+
+    def run_chunk(c, dss):
+        dss = jax.lax.cond(
+            c == hi - 1, lambda: tuple(dfinal_ref[kb, :].astype(F32) for kb in kblocks),
+            lambda: tuple(jnp.where(last_ref[c] != 0, 0.0, d) for d in dss))
+        for kb, d in zip(kblocks, dss):
+            dh_ref[c, kb, :] = d
+        rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        qs = [q_ref[rows, kb].astype(F32) for kb in kblocks]
+        ks = [k_ref[rows, kb].astype(F32) for kb in kblocks]
+        ds0s = chunk_step_ds(qs, ks, beta_ref[rows].astype(F32), g_ref[rows],
+                             g_ref[c * chunk + chunk - 1], t_ref[rows, :],
+                             do_ref[rows, :].astype(F32), list(dss), precision)
+        if dinit_ref is not None:
+            @pl.when(first_ref[c] != 0)
+            def _():
+                for kb, d in zip(kblocks, ds0s):
+                    dinit_ref[kb, :] = dinit_ref[kb, :] + d
+        return tuple(ds0s)
+
+    def body(i, dss):
+        c = hi - 1 - i
+        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, dss)
+
+    jax.lax.fori_loop(0, hi - lo, body, tuple(jnp.zeros((block_k, bv), F32) for _ in kblocks))
+
+
+def dh_call(q, k, beta_t, gcum_t, t, do, dfinal, lo, hi, seg, first, last, *, chunk,
+            num_segments, block_v, has_init, precision, interpret, num_warps, block_k):
+    """Sequential reverse walk: dh [B, H, Nc, dk, dv] (cotangent of the state after each visited
+    chunk) and d(initial state) (None without one)."""
+    b, l, hh, dk = q.shape
+    dv = do.shape[-1]
+    s = num_segments
+    nv, nc = dv // block_v, l // chunk
+    row = lambda p: p // s  # noqa: E731
+    seq = lambda d, blk: pl.BlockSpec(  # noqa: E731
+        (None, l, None, d), lambda p, i, j: (row(p), 0, i, j if blk else 0))
+    gate = pl.BlockSpec((None, None, l), lambda p, i, j: (row(p), i, 0))
+    flags = pl.BlockSpec((None, nc), lambda p, i, j: (row(p), 0))
+    state_spec = pl.BlockSpec((None, None, None, dk, block_v), lambda p, i, j: (row(p), p % s, i, 0, j))
+    in_specs = [pl.BlockSpec((b * s,), lambda p, i, j: (0,)), pl.BlockSpec((b * s,), lambda p, i, j: (0,)),
+                flags, flags, flags, seq(dk, False), seq(dk, False), gate, gate,
+                pl.BlockSpec((None, None, l, chunk), lambda p, i, j: (row(p), i, 0, 0)),
+                seq(block_v, True), state_spec]
+    args = [lo, hi, seg, last, first, q, k, beta_t, gcum_t, t, do, dfinal]
+    out_shape = [jax.ShapeDtypeStruct((b, hh, nc, dk, dv), F32)]
+    out_specs = [pl.BlockSpec((None, None, nc, dk, block_v), lambda p, i, j: (row(p), i, 0, 0, j))]
+    aliases = {}
+    if has_init:
+        in_specs.append(state_spec)
+        args.append(jnp.zeros((b, s, hh, dk, dv), F32))
+        aliases[len(args) - 1] = 1
+        out_shape.append(jax.ShapeDtypeStruct((b, s, hh, dk, dv), F32))
+        out_specs.append(state_spec)
+    outs = pl.pallas_call(
+        functools.partial(_dh_kernel, chunk=chunk, num_segments=s, has_init=has_init,
+                          block_k=min(block_k, dk), precision=resolve_precision(precision, interpret)),
+        out_shape=tuple(out_shape), grid=(b * s, hh, nv), in_specs=in_specs,
+        out_specs=tuple(out_specs), input_output_aliases=aliases,
+        compiler_params=_triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_state_walk",
+    )(*args)
+    return outs[0], (outs[1] if has_init else None)
+
+
+def _chunk_grad_kernel(seg_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, dh_ref, do_ref,
+                       dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, num_chunks, block_k, precision):
+    c = pl.program_id(0) % num_chunks
+    dk_dim = q_ref.shape[-1]
+    kblocks = [pl.ds(i * block_k, block_k) for i in range(dk_dim // block_k)]
+
+    @pl.when(seg_ref[c] >= 0)
+    def _():
+        chunk = q_ref.shape[0]
+        qs = [q_ref[:, kb].astype(F32) for kb in kblocks]
+        ks = [k_ref[:, kb].astype(F32) for kb in kblocks]
+        gcum = g_ref[...]
+        dqs, dks, dv, dbeta, dg, _ = chunk_step_bwd(
+            qs, ks, v_ref[...].astype(F32), beta_ref[...].astype(F32), gcum, g_ref[chunk - 1],
+            t_ref[...], [h_ref[kb, :] for kb in kblocks], do_ref[...].astype(F32),
+            [dh_ref[kb, :] for kb in kblocks], precision)
+        for kb, dq_b, dk_b in zip(kblocks, dqs, dks):
+            dq_ref[:, kb] = dq_b
+            dk_ref[:, kb] = dk_b
+        dv_ref[...] = dv
+        dbeta_ref[...] = dbeta
+        dg_ref[...] = dg
+
+
+def chunk_grad_call(q, k, v, beta_t, gcum_t, t, h, dh, do, seg, *, chunk, block_v, precision,
+                    interpret, num_warps, block_k):
+    """Chunk-parallel gradients: grid (row*chunk, head, value block).  Returns (dq parts, dk parts
+    [NV, B, L, H, dk], dv [B, L, H, dv], dbeta parts, dG parts [NV, B, H, L]); unused chunks hold
+    garbage (masked by the caller)."""
+    b, l, hh, dk = q.shape
+    dv = v.shape[-1]
+    nv, nc = dv // block_v, l // chunk
+    ci = lambda p: (p // nc, p % nc)  # noqa: E731
+    tok = lambda d, blk: pl.BlockSpec(  # noqa: E731
+        (None, chunk, None, d), lambda p, i, j: (*ci(p), i, j if blk else 0))
+    gate = pl.BlockSpec((None, None, chunk), lambda p, i, j: (p // nc, i, p % nc))
+    st = pl.BlockSpec((None, None, None, dk, block_v), lambda p, i, j: (p // nc, i, p % nc, 0, j))
+    in_specs = [pl.BlockSpec((None, nc), lambda p, i, j: (p // nc, 0)),
+                tok(dk, False), tok(dk, False), tok(block_v, True), gate, gate,
+                pl.BlockSpec((None, None, chunk, chunk), lambda p, i, j: (p // nc, i, p % nc, 0)),
+                st, st, tok(block_v, True)]
+    part = lambda d: pl.BlockSpec(  # noqa: E731
+        (None, None, chunk, None, d), lambda p, i, j: (j, p // nc, p % nc, i, 0))
+    gpart = pl.BlockSpec((None, None, None, chunk), lambda p, i, j: (j, p // nc, i, p % nc))
+    out_shape = (jax.ShapeDtypeStruct((nv, b, l, hh, dk), F32),
+                 jax.ShapeDtypeStruct((nv, b, l, hh, dk), F32),
+                 jax.ShapeDtypeStruct((b, l, hh, dv), F32),
+                 jax.ShapeDtypeStruct((nv, b, hh, l), F32),
+                 jax.ShapeDtypeStruct((nv, b, hh, l), F32))
+    out_specs = (part(dk), part(dk), tok(block_v, True), gpart, gpart)
+    return pl.pallas_call(
+        functools.partial(_chunk_grad_kernel, num_chunks=nc, block_k=min(block_k, dk),
+                          precision=resolve_precision(precision, interpret)),
+        out_shape=out_shape, grid=(b * nc, hh, nv), in_specs=in_specs, out_specs=out_specs,
+        compiler_params=_triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_chunk_grads",
+    )(seg, q, k, v, beta_t, gcum_t, t, h, dh, do)
+
+
 def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     """Gradients (dq, dk, dv, dg, dbeta, dinit) for ``api._gated_delta_core`` from its residuals."""
     from mom_jax.ops.common import PackedLayout  # noqa: PLC0415
@@ -231,12 +390,24 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dfinal_p = cm.pad_last(dfinal.astype(F32), dvp)
     if dkp != dk:
         dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
-    dq_p, dk_p, dv_, dbeta_p, dg_p, dinit = backward_call(
-        qp, kp, vp, beta_t, gcum_t, t, h, do_p, dfinal_p, lo, hi, seg, first, last,
-        chunk=chunk, num_segments=num_segments, block_v=block_v, has_init=has_init,
-        precision=config.precision, interpret=interpret, num_warps=config.bwd_num_warps,
-        block_k=config.block_k)
+    if config.bwd == "pallas_fused":
+        dq_p, dk_p, dv_, dbeta_p, dg_p, dinit = backward_call(
+            qp, kp, vp, beta_t, gcum_t, t, h, do_p, dfinal_p, lo, hi, seg, first, last,
+            chunk=chunk, num_segments=num_segments, block_v=block_v, has_init=has_init,
+            precision=config.precision, interpret=interpret, num_warps=config.bwd_num_warps,
+            block_k=config.block_k)
+    else:
+        dh, dinit = dh_call(
+            qp, kp, beta_t, gcum_t, t, do_p, dfinal_p, lo, hi, seg, first, last, chunk=chunk,
+            num_segments=num_segments, block_v=block_v, has_init=has_init,
+            precision=config.precision, interpret=interpret, num_warps=config.num_warps,
+            block_k=config.block_k)
+        dq_p, dk_p, dv_, dbeta_p, dg_p = chunk_grad_call(
+            qp, kp, vp, beta_t, gcum_t, t, h, dh, do_p, seg, chunk=chunk, block_v=block_v,
+            precision=config.precision, interpret=interpret, num_warps=config.bwd_num_warps,
+            block_k=config.block_k)
     used = jnp.repeat(chunk_segment >= 0, chunk, axis=1)            # [B, L]
+    dv_ = jnp.where(used[:, :, None, None], dv_, 0.0)
     dq = jnp.sum(jnp.where(used[None, :, :, None, None], dq_p, 0.0), axis=0)[..., :dk]
     dk_ = jnp.sum(jnp.where(used[None, :, :, None, None], dk_p, 0.0), axis=0)[..., :dk]
     used_t = used[None, :, None, :]
