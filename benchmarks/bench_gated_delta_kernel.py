@@ -111,14 +111,19 @@ def breakdown(shape, config, repeats):
         args = (qp, kp, vp, beta_t, gcum_t, tmat)
         out[f"recurrence{'_store_h' if store_h else ''}_ms"] = time_fn(rec, args, repeats)["median_ms"]
     _, _, hstates = rec(*args)
-    do = r
-    dfinal = jnp.zeros((b, 1, h, dk, dv), jnp.float32)
-    bwd = jax.jit(lambda *a: triton_bwd.backward_call(
-        *a, lo, hi, seg, first, last, chunk=64, num_segments=1,
-        block_v=min(dv, config.bwd_block_v or config.block_v or 64), has_init=False,
-        precision=config.precision, num_warps=config.bwd_num_warps, block_k=config.block_k,
-        interpret=interp)[:5])
-    out["backward_kernel_ms"] = time_fn(bwd, (qp, kp, vp, beta_t, gcum_t, tmat, hstates, do, dfinal),
+    dfinal = jax.random.normal(jax.random.PRNGKey(3), (b, 1, h, dk, dv), jnp.float32)
+    bvb = min(dv, config.bwd_block_v or config.block_v or 64)
+    walk = jax.jit(lambda *a: triton_bwd.dh_call(
+        *a, lo, hi, seg, first, last, chunk=64, num_segments=1, block_v=bvb, has_init=False,
+        precision=config.precision, interpret=interp, num_warps=config.num_warps,
+        block_k=config.block_k)[0])
+    wargs = (qp, kp, beta_t, gcum_t, tmat, r, dfinal)
+    out["bwd_state_walk_ms"] = time_fn(walk, wargs, repeats)["median_ms"]
+    dh = walk(*wargs)
+    cg = jax.jit(lambda *a: triton_bwd.chunk_grad_call(
+        *a, seg, chunk=64, block_v=bvb, precision=config.precision, interpret=interp,
+        num_warps=config.bwd_num_warps, block_k=config.block_k))
+    out["bwd_chunk_grads_ms"] = time_fn(cg, (qp, kp, vp, beta_t, gcum_t, tmat, hstates, dh, r),
                                         repeats)["median_ms"]
     return {k_: round(v_, 4) for k_, v_ in out.items()}
 
