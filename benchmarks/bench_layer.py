@@ -79,11 +79,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="")
     ap.add_argument("--quick", action="store_true", help="one small config (smoke test)")
+    ap.add_argument("--shapes", default="8x2048,2x8192", help="comma list of BxT")
     args = ap.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     d, h, dk = 1024, 4, 256
-    shapes = [(8, 2048), (2, 8192)]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     configs = []
     for b, t in shapes:
         for e, proj in ((4, "ragged"), (4, "dense"), (8, "ragged"), (8, "dense")):

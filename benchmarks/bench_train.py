@@ -19,16 +19,12 @@ import numpy as np
 from flax import nnx
 
 from experiments.configs import lm_340m
-from experiments.train import build_model_config
-from mom_jax.models import LanguageModel
+from mom_jax.models import LanguageModel, ModelConfig
 from mom_jax.training import optim, steps
 
 
 def bench(variant: str, n_steps: int, batch: int, seq: int, impl: str):
-    config = lm_340m.get_config(variant)
-    with config.unlocked():
-        config.model.impl = impl
-    mc = build_model_config(config.model)
+    mc = ModelConfig(**lm_340m.model_kwargs(variant), impl=impl)
     model_fn, params = steps.ModelFn.from_module(LanguageModel(mc, rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tx, _ = optim.make_optimizer(peak_lr=3e-4, warmup_steps=10, total_steps=1000,

@@ -58,6 +58,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     dtype: str = "bfloat16"             # compute dtype; parameters are float32
+    remat: bool = True                  # recompute each block in the backward pass (saves memory)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
@@ -171,8 +172,9 @@ class LanguageModel(nnx.Module):
         dtype = DTYPES[self.cfg.dtype]
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         router_logits = []
+        call = nnx.remat(lambda blk, h: blk(h)) if self.cfg.remat else (lambda blk, h: blk(h))
         for block in self.blocks:
-            x, logits = block(x)
+            x, logits = call(block, x)
             if logits is not None:
                 router_logits.append(logits)
         x = self.final_norm(x)
