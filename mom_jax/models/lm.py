@@ -5,6 +5,11 @@
 
 Mixers: "mom" (MoMLayer), "gated_deltanet", "gla", "attention" (Transformer++: RoPE + causal softmax
 attention).  Hybrids: ``attention_every = n`` makes every n-th layer (layers n-1, 2n-1, ...) attention.
+
+Decoding (``mom_jax.decoding`` builds the sampling loop on these): ``init_cache(batch, max_len)``,
+``prefill(tokens, max_len=...) -> (logits, cache)`` and ``step(tokens [B], cache) -> (logits [B, V],
+cache)``.  The model cache is a tuple with one entry per layer: MoMCache / RecurrentCache (constant
+size) for recurrent mixers, KVCache (``max_len`` slots) for attention layers.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from flax import nnx
 from mom_jax import ops
 from mom_jax.layers import GatedDeltaNetLayer, GLALayer, MoMLayer
 from mom_jax.layers import common as lc
-from mom_jax.models.attention import CausalSelfAttention
+from mom_jax.models.attention import CausalSelfAttention, check_max_len
 
 MIXERS = ("mom", "gated_deltanet", "gla", "attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -151,6 +156,37 @@ class Block(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
         return x, logits
 
+    def prefill(self, x, max_len: int):
+        """x: [B, T, D] -> (x, router_logits or None, layer cache after the T tokens)."""
+        h = self.mixer_norm(x)
+        if self.kind == "attention":
+            out, cache = self.mixer.prefill(h, max_len)
+            logits = None
+        elif self.kind == "mom":
+            out, logits, cache = self.mixer.prefill(h)
+        else:
+            out, cache = self.mixer.prefill(h)
+            logits = None
+        x = x + out.astype(x.dtype)
+        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return x, logits, cache
+
+    def init_cache(self, batch_size: int, max_len: int, dtype):
+        if self.kind == "attention":
+            return self.mixer.init_cache(batch_size, max_len, dtype)
+        return self.mixer.init_cache(batch_size, dtype)
+
+    def step(self, x, cache):
+        """x: [B, D] one token per row -> (x [B, D], new layer cache)."""
+        h = self.mixer_norm(x)
+        if self.kind == "mom":
+            out, _, cache = self.mixer.step(h, cache)
+        else:
+            out, cache = self.mixer.step(h, cache)
+        x = x + out.astype(x.dtype)
+        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return x, cache
+
 
 class LanguageModel(nnx.Module):
     """Decoder LM.  ``__call__(tokens [B, T] int) -> (logits [B, T, V] float32, router_logits list)``;
@@ -181,3 +217,69 @@ class LanguageModel(nnx.Module):
         w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
         logits = (x @ w.astype(dtype)).astype(jnp.float32)
         return logits, router_logits
+
+    # ---------------------------------------------------------------------------------------------
+    # decoding
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def has_attention(self) -> bool:
+        return "attention" in self.cfg.layer_mixers()
+
+    def _check_tokens(self, tokens, rank: int):
+        what = "[batch, time]" if rank == 2 else "[batch]"
+        if getattr(tokens, "ndim", None) != rank or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"LanguageModel expects int tokens {what}, got "
+                             f"{getattr(tokens, 'dtype', None)} {getattr(tokens, 'shape', None)}")
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        return (x @ w.astype(x.dtype)).astype(jnp.float32)
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> tuple:
+        """Empty decode cache: a tuple with one cache per layer (see the module docstring).
+
+        max_len: KV slots per attention layer (required iff the model has attention layers; the
+        recurrent layers' caches do not depend on it).
+        """
+        dtype = DTYPES[self.cfg.dtype]
+        if self.has_attention:
+            check_max_len(max_len, 1)
+        return tuple(blk.init_cache(batch_size, max_len, dtype) for blk in self.blocks)
+
+    def prefill(self, tokens, *, max_len: int | None = None, last_only: bool = False):
+        """Runs the prompt through the chunked forward and returns the cache after its last token.
+
+        Args:
+          tokens: int [B, T] (all rows the same length; ``mom_jax.decoding`` handles ragged
+            prompts).  max_len: KV-cache slots of attention layers (>= T; default T).
+          last_only: return only the last position's logits (saves the [B, T, V] array).
+        Returns:
+          (logits float32 [B, T, V] ([B, V] with last_only), cache tuple).  The logits equal
+          ``__call__``'s; router logits are not returned.
+        """
+        self._check_tokens(tokens, 2)
+        t = tokens.shape[1]
+        if self.has_attention:
+            max_len = check_max_len(t if max_len is None else max_len, t)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.dtype])
+        caches = []
+        for block in self.blocks:
+            x, _, cache = block.prefill(x, max_len)
+            caches.append(cache)
+        if last_only:
+            x = x[:, -1]
+        return self._logits(x), tuple(caches)
+
+    def step(self, tokens, cache: tuple):
+        """Decodes one token per row: tokens int [B] -> (logits float32 [B, V], new cache)."""
+        self._check_tokens(tokens, 1)
+        if not isinstance(cache, tuple) or len(cache) != len(self.blocks):
+            raise ValueError(f"cache must be a tuple of {len(self.blocks)} layer caches "
+                             f"(from init_cache / prefill), got {type(cache).__name__}")
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.dtype])
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = block.step(x, c)
+            new.append(c)
+        return self._logits(x), tuple(new)
