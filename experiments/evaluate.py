@@ -17,28 +17,18 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.train import ConfigError, validate
 from mom_jax.data import pipeline
 from mom_jax.models import LanguageModel
 from mom_jax.training import checkpoint, optim, steps
+from mom_jax.training.evaluation import evaluate
 
 flags.DEFINE_string("workdir", None, "the training run's workdir (holds config.json, checkpoints/)")
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 flags.DEFINE_integer("eval_batches", None, "number of evaluation batches (default: the config's)")
 F = flags.FLAGS
-
-
-def recall_hit_mask(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """bool [B, T]: position t's (input, target) bigram occurred at an earlier position."""
-    hit = np.zeros(inputs.shape, bool)
-    for b in range(inputs.shape[0]):
-        seen = set()
-        for t in range(inputs.shape[1]):
-            pair = (int(inputs[b, t]), int(targets[b, t]))
-            hit[b, t] = pair in seen
-            seen.add(pair)
-    return hit
 
 
 def run(workdir: str, step: int | None = None, eval_batches: int | None = None) -> dict:
@@ -59,35 +49,16 @@ def run(workdir: str, step: int | None = None, eval_batches: int | None = None) 
     batches = pipeline.make_eval_batches(config.data, batch_size=tr.batch_size,
                                          seq_len=tr.seq_len, seed=tr.seed,
                                          num_batches=eval_batches or tr.eval_batches)
-    tot = dict(loss=0.0, correct=0.0, tokens=0.0, hit_loss=0.0, hit_tokens=0.0)
-    by_kv: dict[int, list[float]] = {}
-    is_text = config.data.name == "text"
-    for i, batch in enumerate(batches):
-        out = jax.device_get(eval_step(params, {k: v for k, v in batch.items()
-                                                if k != "num_kv_pairs"}))
-        mask = np.asarray(batch["loss_mask"], np.float64)
-        tot["loss"] += float(out["token_loss"].sum())
-        tot["correct"] += float(out["correct"].sum())
-        tot["tokens"] += float(mask.sum())
-        if is_text:
-            hit = recall_hit_mask(np.asarray(batch["inputs"]), np.asarray(batch["targets"]))
-            hit = hit & (mask > 0)
-            tot["hit_loss"] += float(out["token_loss"][hit].sum())
-            tot["hit_tokens"] += float(hit.sum())
-        if "num_kv_pairs" in batch:
-            for n, c, m in zip(batch["num_kv_pairs"], out["correct"].sum(-1), mask.sum(-1)):
-                acc = by_kv.setdefault(int(n), [0.0, 0.0])
-                acc[0] += float(c)
-                acc[1] += float(m)
-        print(f"  batch {i + 1}/{len(batches)}", end="\r", flush=True)
-    loss = tot["loss"] / max(tot["tokens"], 1.0)
-    res = dict(step=at_step, tokens=int(tot["tokens"]), loss=loss, ppl=float(np.exp(min(loss, 50))),
-               accuracy=tot["correct"] / max(tot["tokens"], 1.0))
-    if is_text and tot["hit_tokens"]:
-        hl = tot["hit_loss"] / tot["hit_tokens"]
-        res.update(recall_hit_tokens=int(tot["hit_tokens"]), recall_hit_ppl=float(np.exp(hl)))
-    if by_kv:
-        res["accuracy_by_kv_pairs"] = {k: v[0] / max(v[1], 1.0) for k, v in sorted(by_kv.items())}
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+
+    def shard(batch):
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                for k, v in batch.items() if k != "num_kv_pairs"}
+
+    res = evaluate(eval_step, params, batches, shard, recall_hit=config.data.name == "text")
+    res["step"] = at_step
     return res
 
 

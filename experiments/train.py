@@ -18,10 +18,9 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -29,6 +28,7 @@ from ml_collections import config_flags
 from mom_jax.data import pipeline
 from mom_jax.models import LanguageModel, ModelConfig
 from mom_jax.training import checkpoint, optim, steps
+from mom_jax.training.evaluation import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
@@ -108,31 +108,10 @@ class Stopper:
         self.requested = signal.Signals(signum).name
 
 
-def evaluate(eval_step, params, batches, shard):
-    """Exact averages over all eval batches.  Returns dict(loss, ppl, accuracy[, by_kv_pairs])."""
-    loss_sum = tok = correct = 0.0
-    by_kv: dict[int, list[float]] = {}
-    for batch in batches:
-        out = jax.device_get(eval_step(params, shard(batch)))
-        mask = np.asarray(batch["loss_mask"], np.float64)
-        loss_sum += float(np.sum(out["token_loss"]))
-        correct += float(np.sum(out["correct"]))
-        tok += float(mask.sum())
-        if "num_kv_pairs" in batch:
-            for n, c, m in zip(batch["num_kv_pairs"], out["correct"].sum(-1), mask.sum(-1)):
-                acc = by_kv.setdefault(int(n), [0.0, 0.0])
-                acc[0] += float(c)
-                acc[1] += float(m)
-    loss = loss_sum / max(tok, 1.0)
-    res = dict(loss=loss, ppl=float(np.exp(min(loss, 50.0))), accuracy=correct / max(tok, 1.0))
-    if by_kv:
-        res["accuracy_by_kv_pairs"] = {k: v[0] / max(v[1], 1.0) for k, v in sorted(by_kv.items())}
-    return res
-
-
 def train(config) -> dict:
     """Runs the experiment described by ``config``; returns the final evaluation."""
     model_cfg = validate(config)
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     tr = config.train
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -145,8 +124,9 @@ def train(config) -> dict:
     replicated = NamedSharding(mesh, P())
 
     def shard(batch):
-        return {k: jax.device_put(np.asarray(v), batch_sharding) for k, v in batch.items()
-                if k != "num_kv_pairs"}
+        """This process's rows -> global arrays sharded over the 'data' axis of all devices."""
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                for k, v in batch.items() if k != "num_kv_pairs"}
 
     model = LanguageModel(model_cfg, rngs=nnx.Rngs(tr.seed))
     model_fn, params = steps.ModelFn.from_module(model)
@@ -165,9 +145,10 @@ def train(config) -> dict:
     data_iter = pipeline.make_train_iterator(
         config.data, batch_size=tr.batch_size // jax.process_count(), seq_len=tr.seq_len,
         seed=tr.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    eval_batches = pipeline.make_eval_batches(config.data, batch_size=tr.batch_size,
-                                              seq_len=tr.seq_len, seed=tr.seed,
-                                              num_batches=tr.eval_batches)
+    eval_batches = pipeline.make_eval_batches(
+        config.data, batch_size=tr.batch_size // jax.process_count(), seq_len=tr.seq_len,
+        seed=tr.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        num_batches=tr.eval_batches)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=tr.keep_checkpoints,
                                    save_interval_steps=tr.checkpoint_every)

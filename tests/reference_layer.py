@@ -7,7 +7,6 @@ not differentiable), so the function can be differentiated w.r.t. parameters and
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

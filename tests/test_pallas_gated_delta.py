@@ -6,7 +6,6 @@ and the Mosaic kernels lower for TPU without the hardware.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax

@@ -113,6 +113,33 @@ def test_resume_continues_exactly(tmp_path):
         np.testing.assert_allclose(b[s], a[s], rtol=1e-6, err_msg=f"step {s}")
 
 
+def test_evaluate_checkpoint_mqar_and_text(tmp_path):
+    from experiments import evaluate as evaluate_lib
+    from mom_jax.data import pipeline
+    config = tiny_config(tmp_path, "mqar_eval", steps=2, checkpoint_every=1)
+    train_lib.train(config)
+    res = evaluate_lib.run(config.workdir)
+    assert res["step"] == 2 and set(res["accuracy_by_kv_pairs"]) == {4}
+    assert np.isfinite(res["ppl"]) and 0 <= res["accuracy"] <= 1
+
+    text = tiny_config(tmp_path, "text_eval", steps=2, checkpoint_every=1)
+    text.data = pipeline.default_text_config()
+    text.data.tokenizer = "byte"
+    text.model.vocab_size = 259
+    train_lib.train(text)
+    res = evaluate_lib.run(text.workdir)
+    assert res["recall_hit_tokens"] > 0 and np.isfinite(res["recall_hit_ppl"])
+    assert "accuracy_by_kv_pairs" not in res
+
+
+def test_recall_hit_mask():
+    from mom_jax.training.evaluation import recall_hit_mask
+    inputs = np.array([[5, 6, 5, 6, 5]])
+    targets = np.array([[6, 5, 6, 7, 6]])
+    np.testing.assert_array_equal(recall_hit_mask(inputs, targets),
+                                  [[False, False, True, False, True]])
+
+
 def test_loss_decreases_on_tiny_mqar(tmp_path):
     config = tiny_config(tmp_path, "learn", steps=80, warmup_steps=5, log_every=1,
                          checkpoint_every=1000, batch_size=16)

@@ -17,7 +17,7 @@ def get_config(mixer: str = "mom"):
         mixer=mixer, vocab_size=256, hidden_size=64, num_layers=2, num_heads=2, head_dim=32,
         num_memories=4, topk=2, chunk_size=32, attn_num_heads=2, attn_head_dim=32,
         hidden_ratio=2.0, dtype="float32", impl="auto")
-    train = common.train_config(batch_size=32, seq_len=128, steps=600, warmup_steps=30, lr=1e-2,
+    train = common.train_config(batch_size=32, seq_len=64, steps=600, warmup_steps=30, lr=1e-2,
                                 weight_decay=0.1, log_every=50, eval_every=0, eval_batches=8,
                                 checkpoint_every=200, aux_weight=0.01)
     return common.base_config(model=model, data=data, train=train,

@@ -24,7 +24,6 @@ the same number of batches and its own rows of each global batch.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import grain
