@@ -300,6 +300,32 @@ class Decoder:
                            max_new_tokens=int(max_new_tokens), sampling=sampling,
                            pad_id=int(pad_id))
 
+    def from_cache(self, cache: tuple, tokens, position: int, *, max_new_tokens: int,
+                   sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
+                   pad_id: int = 0, seed=0) -> DecodeState:
+        """A DecodeState that continues from an existing model cache (e.g. one built elsewhere).
+
+        cache: the model cache after ``position`` tokens; tokens: int [B], the token at
+        ``position`` (the next model input, not counted as generated).  ``advance`` then generates
+        up to ``max_new_tokens`` tokens.  Attention KV caches must have room for them.
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be int [batch], got shape {tokens.shape}")
+        b = tokens.shape[0]
+        self.check_request([[0]] * b, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                           max_len=None, sampling=sampling)
+        stop = jnp.asarray(np.asarray(list(stop_tokens), np.int32).reshape(-1))
+        self._request = (stop, sampling, int(pad_id))
+        pos = jnp.asarray(position, jnp.int32)
+        return DecodeState(
+            cache=cache, t=pos, token=tokens, done=jnp.zeros((b,), bool),
+            num_generated=jnp.zeros((b,), jnp.int32),
+            out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+            logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+            prompt=jnp.zeros((b, 1), jnp.int32), lengths=jnp.full((b,), pos, jnp.int32),
+            key=_as_key(seed))
+
     def advance(self, state: DecodeState, num_steps: int) -> tuple[DecodeState, int]:
         """Runs up to ``num_steps`` decode steps (fewer if every row is done) inside one jitted
         while_loop.  ``state`` is donated (do not reuse it).  Returns (new state, steps run)."""
