@@ -56,30 +56,33 @@ def random_cache(model: LanguageModel, batch: int, context: int, room: int, seed
 
     Recurrent states ~ N(0, 0.02^2) (float32), conv buffers ~ N(0, 1) (compute dtype); attention KV
     caches with ``context + room`` slots, the first ``context`` random, ``length = context``.
-    Built leaf by leaf on device (jitted random fills; nothing crosses the host).
+    Built on device by one jitted function per configuration (nothing crosses the host).
     """
     max_len = context + room if model.has_attention else None
     shapes = jax.eval_shape(lambda: model.init_cache(batch, max_len))
-    out = []
-    key = jax.random.PRNGKey(seed)
-    for i, layer_shape in enumerate(shapes):
-        if isinstance(layer_shape, KVCache):
-            def fill(k, shape=layer_shape.k):
-                kv = jax.random.normal(k, (2,) + shape.shape, jnp.float32).astype(shape.dtype)
-                slot = jnp.arange(shape.shape[1])[None, :, None, None]
-                return jnp.where(slot < context, kv, 0)
-            kv = jax.jit(fill)(jax.random.fold_in(key, i))
-            out.append(KVCache(k=kv[0], v=kv[1], length=jnp.full((batch,), context, jnp.int32)))
-        else:
+
+    @jax.jit
+    def fill(key):
+        out = []
+        for i, layer_shape in enumerate(shapes):
+            k_i = jax.random.fold_in(key, i)
+            if isinstance(layer_shape, KVCache):
+                s = layer_shape.k
+                kv = jax.random.normal(k_i, (2,) + s.shape, jnp.float32).astype(s.dtype)
+                slot = jnp.arange(s.shape[1])[None, None, :, None, None]
+                kv = jnp.where(slot < context, kv, 0)
+                out.append(KVCache(k=kv[0], v=kv[1], length=jnp.full((batch,), context, jnp.int32)))
+                continue
             leaves, treedef = jax.tree.flatten(layer_shape)
             filled = []
             for j, s in enumerate(leaves):
                 scale = 0.02 if s.dtype == jnp.float32 and len(s.shape) >= 4 else 1.0
-                filled.append(jax.jit(lambda k, s=s, scale=scale: (
-                    scale * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))(
-                        jax.random.fold_in(key, 1000 * i + j)))
+                filled.append((scale * jax.random.normal(jax.random.fold_in(k_i, j), s.shape,
+                                                         jnp.float32)).astype(s.dtype))
             out.append(jax.tree.unflatten(treedef, filled))
-    return tuple(out)
+        return tuple(out)
+
+    return fill(jax.random.PRNGKey(seed))
 
 
 def mem_in_use() -> float:
