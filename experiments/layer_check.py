@@ -8,7 +8,7 @@ each result:
   4. that a jitted call compiles once although the routing changes between inputs;
 and reports the router's load per memory and the jitted forward / forward+backward times.
 
-  python -m experiments.demo [--hidden=64 --heads=2 --head_dim=32 --memories=4 --topk=2 ...]
+  python -m experiments.layer_check [--hidden=64 --heads=2 --head_dim=32 --memories=4 --topk=2 ...]
 """
 from __future__ import annotations
 
