@@ -157,7 +157,7 @@ def test_loss_decreases_on_tiny_mqar(tmp_path):
     ("model", "topk", 9, "cannot exceed model.num_memories"),
     ("model", "dtype", "float16", "model.dtype must be one of"),
     ("train", "grad_accum", 3, "must be divisible by train.grad_accum"),
-    ("train", "warmup_steps", 700, "train.warmup_steps must be in"),
+    ("train", "warmup_steps", 1000, "train.warmup_steps must be in"),
     ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
     ("model", "vocab_size", 32, "model.vocab_size is 32"),
 ])
