@@ -18,7 +18,7 @@ def get_config(mixer: str = "mom"):
         num_memories=4, topk=2, chunk_size=16, attn_num_heads=2, attn_head_dim=32,
         hidden_ratio=2.0, dtype="float32", impl="auto")
     train = common.train_config(batch_size=64, seq_len=32, steps=1000, warmup_steps=30, lr=5e-3,
-                                weight_decay=0.1, log_every=100, eval_every=0, eval_batches=8,
+                                weight_decay=0.1, log_every=100, eval_every=0, eval_batches=16,
                                 checkpoint_every=200, aux_weight=0.01)
     return common.base_config(model=model, data=data, train=train,
                               workdir=f"runs/mqar_tiny_{mixer}")
