@@ -58,8 +58,8 @@ class CausalSelfAttention(nnx.Module):
         self.qkv_proj = nnx.Param(init(rngs.params(), (hidden_size, 3 * inner)))
         self.o_proj = nnx.Param(init(rngs.params(), (inner, hidden_size)))
 
-    def __call__(self, x):
-        """x: [B, T, D] -> [B, T, D]."""
+    def _attend(self, x):
+        """Causal attention over x: [B, T, D] -> (y [B, T, D], k, v [B, T, H, d] after RoPE)."""
         b, t, _ = x.shape
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
@@ -68,8 +68,11 @@ class CausalSelfAttention(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(t), (b, t))
         q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return o.reshape(b, t, -1) @ self.o_proj[...].astype(dtype)
+        return o.reshape(b, t, -1) @ self.o_proj[...].astype(dtype), k, v
 
+    def __call__(self, x):
+        """x: [B, T, D] -> [B, T, D]."""
+        return self._attend(x)[0]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
         """Empty KV cache of ``max_len`` slots per row (``dtype``: use the compute dtype)."""
@@ -85,14 +88,7 @@ class CausalSelfAttention(nnx.Module):
         """
         b, t, _ = x.shape
         check_max_len(max_len, t)
-        dtype = self.dtype or x.dtype
-        x = x.astype(dtype)
-        qkv = (x @ self.qkv_proj[...].astype(dtype)).reshape(b, t, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-        q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        y = o.reshape(b, t, -1) @ self.o_proj[...].astype(dtype)
+        y, k, v = self._attend(x)
         pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
         cache = KVCache(k=jnp.pad(k, pad), v=jnp.pad(v, pad), length=jnp.full((b,), t, jnp.int32))
         return y, cache
