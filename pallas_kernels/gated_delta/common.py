@@ -43,10 +43,12 @@ def mm(a, b, precision=None, *, ta=False, tb=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def ut_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST, sub: int = SUB_BLOCK) -> jax.Array:
+def ut_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST, sub: int = SUB_BLOCK, *,
+               keep_2d: bool = False) -> jax.Array:
     """(I + a)^-1 for a strictly lower-triangular float32 [C, C] tile (C a power of two >= 16).
 
-    Works inside Pallas kernel bodies (only iota, where, sums, dots and a fori_loop).
+    Works inside Pallas kernel bodies (only iota, where, sums, dots and a fori_loop).  ``keep_2d``
+    keeps every intermediate 2-D ([1, C] / [C, 1] reductions), as Mosaic (TPU) needs.
     """
     c = a.shape[0]
     sub = min(sub, c)
@@ -59,9 +61,10 @@ def ut_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST, sub: int = SUB
 
     def step(r, x):
         # Row j = sub*blk + r of every diagonal block is final: eliminate it from the rows below it.
-        xr = jnp.sum(jnp.where(row == col_blk * sub + r, x, 0.0), axis=0)      # x[j(l), l]
-        ar = jnp.sum(jnp.where(col == row_blk * sub + r, a_bd, 0.0), axis=1)   # a[i, j(i)]
-        return x - jnp.where(same, ar[:, None] * xr[None, :], 0.0)
+        xr = jnp.sum(jnp.where(row == col_blk * sub + r, x, 0.0), axis=0, keepdims=keep_2d)
+        ar = jnp.sum(jnp.where(col == row_blk * sub + r, a_bd, 0.0), axis=1, keepdims=keep_2d)
+        outer = ar * xr if keep_2d else ar[:, None] * xr[None, :]     # a[i, j(i)] * x[j(l), l]
+        return x - jnp.where(same, outer, 0.0)
 
     x = jax.lax.fori_loop(0, sub - 1, step, x)
     size = sub

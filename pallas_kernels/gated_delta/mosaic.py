@@ -53,32 +53,6 @@ def _mm(a, b, *, ta=False, tb=False, precision=HIGHEST):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def ut_inverse_2d(a, sub: int = cm.SUB_BLOCK, precision=HIGHEST):
-    """Same algorithm as ``common.ut_inverse`` with keepdims reductions (no 1-D vectors)."""
-    c = a.shape[0]
-    sub = min(sub, c)
-    row, col = cm.iota2(c, c, 0), cm.iota2(c, c, 1)
-    row_blk, col_blk = row // sub, col // sub
-    same = row_blk == col_blk
-    a_bd = jnp.where(same, a, 0.0)
-    x = jnp.where(row == col, 1.0, 0.0).astype(F32)
-
-    def step(r, x):
-        xr = jnp.sum(jnp.where(row == col_blk * sub + r, x, 0.0), axis=0, keepdims=True)   # [1, C]
-        ar = jnp.sum(jnp.where(col == row_blk * sub + r, a_bd, 0.0), axis=1, keepdims=True)  # [C, 1]
-        return x - jnp.where(same, ar * xr, 0.0)
-
-    x = jax.lax.fori_loop(0, sub - 1, step, x)
-    size = sub
-    while size < c:
-        size *= 2
-        half = size // 2
-        low = (row // size == col // size) & (row // half > col // half)
-        lo = jnp.where(low, a, 0.0)
-        x = x - _mm(x, _mm(lo, x, precision=precision), precision=precision)
-    return x
-
-
 def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_ref, grow_ref,
             *rest, has_init, precision):
     if has_init:
@@ -116,7 +90,7 @@ def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_re
         diff = g_col - g_row
         kk = _mm(k, k, tb=True, precision=HIGHEST)
         a = jnp.where(strict, beta * kk * jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
-        t = ut_inverse_2d(a)
+        t = cm.ut_inverse(a, HIGHEST, keep_2d=True)
         eg = jnp.exp(g_col)
         s0 = state_ref[...]
         w = _mm(t, k * (beta * eg), precision=precision)
