@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -33,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import time_fn  # noqa: E402
 from mom_jax import ops  # noqa: E402
 from mom_jax.ops import common as ops_common  # noqa: E402
 from mom_jax.ops import scan as ops_scan  # noqa: E402
@@ -59,18 +59,6 @@ def make_inputs(shape, seed=0):
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
     r = jax.random.normal(ks[5], (b, t, h, dv), jnp.float32)
     return (q, k, v, g, beta), r
-
-
-def time_fn(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "n": repeats}
 
 
 def make_fns(impl, r):

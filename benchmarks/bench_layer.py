@@ -2,7 +2,7 @@
 
 Usage (GPU machine):  python -m benchmarks.bench_layer [--impl xla] [--out benchmarks/results/x.json]
 
-Method: jit once, 3 warm-up calls, then ``--repeats`` timed calls, each ended by
+Method: jit once, 3 warm-up calls (benchmarks/timing.py), then ``--repeats`` timed calls, each ended by
 ``jax.block_until_ready``; the median is reported (min and max too).  Inputs are random normal
 (never zeros).  fwd+bwd = value_and_grad of sum(y * r) with a fixed random r, w.r.t. all parameters
 and the input.  The card and versions are printed and stored with the numbers.
@@ -11,27 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.timing import time_fn
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
-
-
-def _time(fn, *args, repeats: int):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
 
 
 def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.bfloat16):
@@ -53,10 +40,11 @@ def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.b
     t0 = time.perf_counter()
     jax.block_until_ready(fwd_bwd(params, x))
     compile_s = time.perf_counter() - t0
-    f = _time(fwd, params, x, repeats=repeats)
-    fb = _time(fwd_bwd, params, x, repeats=repeats)
-    return dict(fwd_ms=f[0], fwd_min_ms=f[1], fwd_max_ms=f[2], fwd_bwd_ms=fb[0],
-                fwd_bwd_min_ms=fb[1], fwd_bwd_max_ms=fb[2], first_call_s=compile_s)
+    f = time_fn(fwd, (params, x), repeats)
+    fb = time_fn(fwd_bwd, (params, x), repeats)
+    return dict(fwd_ms=f["median_ms"], fwd_min_ms=f["min_ms"], fwd_max_ms=f["max_ms"],
+                fwd_bwd_ms=fb["median_ms"], fwd_bwd_min_ms=fb["min_ms"],
+                fwd_bwd_max_ms=fb["max_ms"], first_call_s=compile_s)
 
 
 def check_correctness():
