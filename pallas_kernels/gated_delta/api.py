@@ -7,12 +7,15 @@ initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] float32, fina
 
 Backends: "triton" (GPU; on CPU in interpret mode), "mosaic" (TPU; on CPU in TPU interpret mode).
 The backward pass is either the Pallas backward kernels (``Config.bwd="pallas"``, GPU/CPU only) or the
-VJP of the chunked XLA form (``Config.bwd="xla"``, recomputes from the inputs).
+VJP of the chunked XLA form (``Config.bwd="xla"``, recomputes from the inputs).  A chunk size the
+kernels cannot take (not a power of two >= 16) falls back to the chunked XLA form, with a warning
+once per chunk size.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +32,23 @@ class Config:
     """Static knobs of the kernels (hashable; part of the jit cache key).
 
     backend: "auto" (mosaic on TPU, else triton), "triton" or "mosaic".
-    precision: dot precision on GPU for the state walk and the backward: "bf16" (operands rounded
-      to bfloat16, float32 accumulation and state; like flash-linear-attention, and the fastest:
-      see benchmarks/NOTES_kernels.md), "tf32", "tf32x3" or "ieee".  On TPU: bf16 -> DEFAULT,
+    precision: dot precision on GPU for everything but the UT transform's A and inverse: "bf16"
+      (operands rounded to bfloat16, float32 accumulation and states; like
+      flash-linear-attention, and the fastest: see benchmarks/NOTES_kernels.md), "tf32", "tf32x3"
+      or "ieee".  With "bf16", intermediates that are only dot operands (W, chunk-start states,
+      v_new and their cotangents) are stored in bfloat16.  On TPU: bf16 -> DEFAULT,
       tf32 -> HIGH, else HIGHEST.
     ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
       Interpret mode is always float32.
-    block_v: value-dimension block of one program (None: min(dv, 64)).
-    block_k: key-dimension tile inside a program (the state is held as dk/block_k tiles).
-    bwd: "pallas" (Triton: a sequential walk for the state cotangents, then a chunk-parallel
-      gradient kernel), "pallas_fused" (one sequential kernel doing everything; slower, kept for
-      comparison) or "xla" (VJP of the chunked XLA form).  Mosaic always uses "xla".
+    block_v: value-dimension block of a sequential walk program (None: min(dv, 64)); the
+      chunk-parallel kernels loop over value blocks of this size inside the program.
+    block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
+      splits dk into blocks of this size).
+    num_warps, num_stages: the two sequential walks (forward state walk, backward dS walk).
+    par_num_warps: the chunk-parallel kernels (UT transform, outputs, dq/dk/dW, WY backward).
+    bwd: "pallas" (Triton: a sequential dS walk, then two chunk-parallel gradient kernels) or
+      "xla" (VJP of the chunked XLA form).  Mosaic always uses "xla".
+    bwd_block_v: value block of the backward dS walk (None: block_v).
     """
     backend: str = "auto"
     precision: str = "bf16"
@@ -48,9 +57,13 @@ class Config:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    par_num_warps: int = 4
     bwd: str = "pallas"
     bwd_block_v: int | None = None
-    bwd_num_warps: int = 8
+
+    def __post_init__(self):
+        if self.bwd not in ("pallas", "xla"):
+            raise ValueError(f"Config.bwd must be 'pallas' or 'xla', got {self.bwd!r}")
 
 
 DEFAULT_CONFIG = Config()
@@ -113,18 +126,24 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                                                              interpret))
         return o, final, None
     qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk)
-    dvp = vp.shape[-1]
+    dkp, dvp = qp.shape[-1], vp.shape[-1]
     block_v = min(dvp, config.block_v or 64)
+    block_k = min(dkp, config.block_k)
     lo, hi, seg, first = cm.segment_ranges(layout)
-    t = triton_fwd.ut_transform(kp, beta_t, gcum_t, chunk, interpret=interpret,
-                                precision=config.ut_precision)
-    store_h = for_bwd and config.bwd in ("pallas", "pallas_fused")
-    o, final, h = triton_fwd.chunk_recurrence(
-        qp, kp, vp, beta_t, gcum_t, t, initp, lo, hi, seg, first, chunk=chunk,
-        num_segments=num_segments, block_v=block_v, precision=config.precision,
-        interpret=interpret, num_warps=config.num_warps, num_stages=config.num_stages,
-        store_h=store_h, block_k=config.block_k)
-    extra = (qp, kp, vp, beta_t, gcum_t, t, h, lo, hi, seg, first) if store_h else None
+    store = for_bwd and config.bwd == "pallas"
+    t, w, u = triton_fwd.ut_transform(kp, vp, beta_t, gcum_t, chunk, interpret=interpret,
+                                      num_warps=config.par_num_warps,
+                                      ut_precision=config.ut_precision,
+                                      precision=config.precision, with_t=store,
+                                      block_k=block_k, block_v=block_v)
+    h, v_new, final = triton_fwd.state_walk(
+        kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
+        block_v=block_v, precision=config.precision, interpret=interpret,
+        num_warps=config.num_warps, num_stages=config.num_stages, block_k=block_k)
+    o = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
+                                precision=config.precision, interpret=interpret,
+                                num_warps=config.par_num_warps, block_k=block_k, block_v=block_v)
+    extra = (qp, kp, vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None
     return o[..., :dv], final[..., :dk, :dv], extra
 
 
@@ -159,8 +178,7 @@ def _xla_vjp(res, cts, num_segments, chunk, has_g):
 
 def _core_bwd(num_segments, chunk, has_g, config, res, cts):
     do, dfinal = cts
-    use_pallas = (config.bwd in ("pallas", "pallas_fused") and _backend(config) == "triton"
-                  and res[-1] is not None)
+    use_pallas = config.bwd == "pallas" and _backend(config) == "triton" and res[-1] is not None
     if use_pallas:
         from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
         grads = triton_bwd.backward(res, do, dfinal, num_segments=num_segments, chunk=chunk,
@@ -176,6 +194,19 @@ def _core_bwd(num_segments, chunk, has_g, config, res, cts):
 _gated_delta_core.defvjp(_core_fwd, _core_bwd)
 
 
+def chunk_supported(chunk: int) -> bool:
+    """The Pallas kernels need a power-of-two chunk size >= 16 (Triton block shapes; the
+    triangular inverse works in 16 x 16 diagonal blocks)."""
+    return chunk >= 16 and chunk & (chunk - 1) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_chunk_fallback(chunk: int) -> None:
+    """Warns once per chunk size (the cache makes repeated calls no-ops)."""
+    warnings.warn(f"pallas gated delta kernels need a power-of-two chunk size >= 16, got {chunk}; "
+                  "using the chunked XLA form instead", RuntimeWarning, stacklevel=3)
+
+
 def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=None,
                        output_final_state: bool = False, config: Config | None = None):
     """Chunked (gated) delta rule on a packed stream with the Pallas kernels.  See module doc."""
@@ -184,8 +215,10 @@ def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=Non
     if q.shape[1] != layout.num_chunks * chunk:
         raise ValueError(f"stream length {q.shape[1]} != num_chunks * chunk_size "
                          f"({layout.num_chunks} * {chunk})")
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"the Pallas kernels need a power-of-two chunk size >= 16, got {chunk}")
+    if not chunk_supported(chunk):
+        _warn_chunk_fallback(chunk)
+        return chunked.delta_chunked(q, k, v, g, beta, layout, initial_state=initial_state,
+                                     output_final_state=output_final_state)
     has_g = g is not None
     g_arr = g.astype(F32) if has_g else jnp.zeros(beta.shape, F32)
     init = None if initial_state is None else initial_state.astype(F32)

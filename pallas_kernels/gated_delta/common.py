@@ -39,6 +39,9 @@ def mm(a, b, precision=None, *, ta=False, tb=False):
         a = a.astype(jnp.bfloat16)
         b = b.astype(jnp.bfloat16)
         precision = None
+    elif a.dtype != b.dtype:  # e.g. a bfloat16 input against a float32 state: dot in float32
+        a = a.astype(F32)
+        b = b.astype(F32)
     dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
@@ -79,12 +82,19 @@ def ut_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST, sub: int = SUB
 
 def strict_a(k: jax.Array, beta: jax.Array, gcum: jax.Array, precision=jax.lax.Precision.HIGHEST):
     """A_ij = b_i exp(G_i - G_j) k_i.k_j for j < i, else 0 ([C, C], float32)."""
-    c = k.shape[0]
-    row, col = iota2(c, c, 0), iota2(c, c, 1)
-    strict = row > col
-    kk = mm(k, k, precision, tb=True)
-    dec = jnp.exp(jnp.where(strict, gcum[:, None] - gcum[None, :], 0.0))
-    return jnp.where(strict, beta[:, None] * kk * dec, 0.0)
+    return strict_a_from_kk(mm(k, k, precision, tb=True), beta, gcum)
+
+
+def strict_decay(gcum: jax.Array) -> jax.Array:
+    """E_ij = exp(G_i - G_j) for j < i, else 0 ([C, C])."""
+    c = gcum.shape[0]
+    strict = iota2(c, c, 0) > iota2(c, c, 1)
+    return jnp.where(strict, jnp.exp(jnp.where(strict, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+
+
+def strict_a_from_kk(kk: jax.Array, beta: jax.Array, gcum: jax.Array) -> jax.Array:
+    """A_ij = b_i exp(G_i - G_j) kk_ij for j < i, else 0, from the Gram matrix kk = K K^T."""
+    return beta[:, None] * kk * strict_decay(gcum)
 
 
 def causal_decay(gcum: jax.Array) -> jax.Array:

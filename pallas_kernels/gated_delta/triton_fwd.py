@@ -1,15 +1,15 @@
 """Forward kernels of the chunked gated delta rule in Pallas with Triton lowering (GPU).
 
-Two launches:
-  1. ``ut_transform``: fully parallel over (row, chunk, head); writes T = (I + A)^-1 per chunk as a
-     [B, H, L, C] float32 array (row i of a chunk's T at the chunk's i-th token).
-  2. ``chunk_recurrence``: grid (row*segment, head, value block); each program walks the chunks of its
-     segment in order with the [dk, BV] state in registers, applying the segment's initial state
-     (or zero) at the chunk that starts it and writing the segment's final state at the end.
-     Per chunk: W = T diag(b e^G) K, U = T diag(b) V - W S, O = diag(e^G) Q S + (D * Q K^T) U,
-     S <- e^{G_C} S + (diag(e^{G_C - G}) K)^T U.
-Chunks that belong to no segment are not visited: their output stays zero (the stream's contract is
-that such slots carry zero k/v/beta, for which the reference's output is zero too).
+Three launches (notation of ``common``; Kb = diag(b e^G) K, Vb = diag(b) V):
+  1. ``ut_transform`` (chunk-parallel, grid (B, Nc, H)): T = (I + A)^-1, W = T Kb, U = T Vb.
+  2. ``state_walk`` (grid (B*S, H, dv/BV)): each program walks the chunks of its segment in order
+     with the [dk, BV] float32 state S (held as dk/BK tiles) in registers, applying the segment's
+     initial state (or zero) at the chunk that starts a run and writing the segment's final state at
+     the end.  Per chunk only the state work: h = S (stored), v_new = U - W S (stored),
+     S <- e^{G_C} S + K^T (diag(e^{G_C - G}) v_new).
+  3. ``chunk_output`` (chunk-parallel, grid (B*Nc, H)): O = diag(e^G) Q h + (D * Q K^T) v_new.
+Chunks that belong to no segment are not visited by the walk and get O = 0 (the stream's contract
+is that such slots carry zero k/v/beta, for which the reference's output is zero too).
 
 On CPU the kernels run with ``interpret=True``.
 """
@@ -20,195 +20,220 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gated_delta import common as cm
+from pallas_kernels.gated_delta import triton_common as tc
 
 F32 = jnp.float32
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def resolve_precision(precision: str, interpret: bool):
-    """Maps a precision name to what ``cm.mm`` takes.  Interpret mode (CPU) always uses float32."""
-    if interpret:
-        return HIGHEST
-    return {
-        "ieee": HIGHEST,
-        "tf32": jax.lax.Precision.DEFAULT,
-        "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-        "bf16": "bf16",
-    }[precision]
-
-
-def _triton_params(num_warps, num_stages):
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+resolve_precision = tc.resolve_precision  # kept importable from here
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernel 1: T = (I + A)^-1 per chunk
+# Kernel 1: T = (I + A)^-1, W = T Kb, U = T Vb per chunk
 # ------------------------------------------------------------------------------------------------
 
-def _ut_kernel(k_ref, beta_ref, g_ref, t_ref, *, precision):
-    k = k_ref[...].astype(F32)
-    a = cm.strict_a(k, beta_ref[...].astype(F32), g_ref[...], precision)
-    t_ref[...] = cm.ut_inverse(a, precision)
+def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, precision, block_k,
+               block_v):
+    t_ref, w_ref, u_ref = out_refs if with_t else (None, *out_refs)
+    c, dk = k_ref.shape
+    kb = tc.blocks(dk, block_k)
+    vb = tc.blocks(v_ref.shape[1], block_v)
+    rows = pl.ds(0, c)
+    beta = beta_ref[...].astype(F32)
+    gates = tc.Gates.load(g_ref, rows, c - 1)
+    kk = None
+    for k_b in tc.tiles(k_ref, rows, kb):
+        part = cm.mm(k_b, k_b, ut_precision, tb=True)
+        kk = part if kk is None else kk + part
+    t = cm.ut_inverse(cm.strict_a_from_kk(kk, beta, gates.gcum), ut_precision)
+    if t_ref is not None:
+        t_ref[...] = t
+    beg = (beta * gates.eg)[:, None]
+    for col in kb:
+        w_ref[:, col] = cm.mm(t, k_ref[:, col] * beg, precision).astype(w_ref.dtype)
+    for col in vb:
+        u_ref[:, col] = cm.mm(t, v_ref[:, col] * beta[:, None], precision).astype(u_ref.dtype)
 
 
-def ut_transform(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
-                 precision: str = "tf32x3"):
-    """k [B, L, H, dk]; beta_t, gcum_t [B, H, L] -> T [B, H, L, C] float32.
+def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
+                 ut_precision: str = "tf32x3", precision: str = "bf16", with_t: bool = True,
+                 block_k: int = 64, block_v: int = 64):
+    """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L] float32 ->
+    (T [B, H, L, C] float32 or None, W [B, L, H, dk], U [B, L, H, dv] float32).
 
-    precision: "tf32x3" (three tf32 tensor-core passes, ~fp32 accuracy) or "ieee" (FMA dots; these
-    spill heavily at dk >= 128, see NOTES_kernels.md)."""
+    W is stored in ``tc.operand_dtype(precision)`` (it is only a dot operand later).
+    ut_precision: dots of A = K K^T and of the inverse, "tf32x3" (three tf32 tensor-core passes,
+    ~fp32 accuracy) or "ieee" (FMA dots; these spill heavily at dk >= 128, see NOTES_kernels.md).
+    precision: dots W = T Kb and U = T Vb."""
     b, l, h, dk = k.shape
+    dv = v.shape[-1]
     nc = l // chunk
-    return pl.pallas_call(
-        functools.partial(_ut_kernel, precision=resolve_precision(precision, interpret)),
-        out_shape=jax.ShapeDtypeStruct((b, h, l, chunk), F32),
+    tok = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))  # noqa: E731
+    gate = pl.BlockSpec((None, None, chunk), lambda i, c, j: (i, j, c))
+    out_shape = [jax.ShapeDtypeStruct((b, l, h, dk), tc.operand_dtype(precision, interpret)),
+                 jax.ShapeDtypeStruct((b, l, h, dv), F32)]
+    out_specs = [tok(dk), tok(dv)]
+    if with_t:
+        out_shape.insert(0, jax.ShapeDtypeStruct((b, h, l, chunk), F32))
+        out_specs.insert(0, pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0)))
+    outs = pl.pallas_call(
+        functools.partial(_ut_kernel, with_t=with_t,
+                          ut_precision=resolve_precision(ut_precision, interpret),
+                          precision=resolve_precision(precision, interpret),
+                          block_k=min(block_k, dk), block_v=min(block_v, dv)),
+        out_shape=tuple(out_shape),
         grid=(b, nc, h),
-        in_specs=[
-            pl.BlockSpec((None, chunk, None, dk), lambda i, c, j: (i, c, j, 0)),
-            pl.BlockSpec((None, None, chunk), lambda i, c, j: (i, j, c)),
-            pl.BlockSpec((None, None, chunk), lambda i, c, j: (i, j, c)),
-        ],
-        out_specs=pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0)),
-        compiler_params=_triton_params(num_warps, 1),
+        in_specs=[tok(dk), tok(dv), gate, gate],
+        out_specs=tuple(out_specs),
+        compiler_params=tc.triton_params(num_warps, 1),
         interpret=interpret,
         name="gdn_ut_transform",
-    )(k, beta_t, gcum_t)
+    )(k, v, beta_t, gcum_t)
+    return tuple(outs) if with_t else (None, *outs)
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernel 2: sequential walk over a segment's chunks
+# Kernel 2: sequential walk over a segment's chunks (state work only)
 # ------------------------------------------------------------------------------------------------
 
-def chunk_step(qs, ks, v, beta, gcum, gl, t, states, precision):
-    """One chunk of the recurrence with the key dimension split into blocks.
+def state_step(ks, ws, u_pre, gates: tc.Gates, states, precision):
+    """One chunk of the state recurrence, the key dimension split into blocks.
 
-    qs, ks: lists of [C, BK] tiles; states: list of [BK, BV] tiles (the state's key-row blocks).
-    Returns (o [C, BV], new state tiles).  Keeping every operand at most [C, 64] / [64, BV] keeps
-    registers and shared memory in bounds for dk up to 256 (see NOTES_kernels.md).
-    """
+    ks, ws: lists of [C, BK] tiles of K and W = T Kb; u_pre: [C, BV] U = T Vb (float32);
+    states: list of [BK, BV] float32 tiles of S.  Returns (v_new = U - W S [C, BV] float32,
+    new state tiles S' = e^{G_C} S + K^T (diag(e^{G_C - G}) v_new))."""
     mm = functools.partial(cm.mm, precision=precision)
-    eg = jnp.exp(gcum)
-    beg = (beta * eg)[:, None]
-    u = mm(t, v * beta[:, None])
-    for k_b, s_b in zip(ks, states):
-        u = u - mm(mm(t, k_b * beg), s_b)                     # U = T Vb - (T Kb) S
-    p = None
-    o = None
-    for q_b, k_b, s_b in zip(qs, ks, states):
-        pb = mm(q_b, k_b, tb=True)
-        ob = mm(q_b * eg[:, None], s_b)
-        p = pb if p is None else p + pb
-        o = ob if o is None else o + ob
-    o = o + mm(p * cm.causal_decay(gcum), u)
-    ekd = jnp.exp(gl - gcum)[:, None]
-    egl = jnp.exp(gl)
-    new_states = [egl * s_b + mm(k_b * ekd, u, ta=True) for k_b, s_b in zip(ks, states)]
-    return o, new_states
+    v_new = u_pre
+    for w_b, s_b in zip(ws, states):
+        v_new = v_new - mm(w_b, s_b)
+    vd = v_new * gates.ekd[:, None]
+    return v_new, [gates.egl * s_b + mm(k_b, vd, ta=True) for k_b, s_b in zip(ks, states)]
 
 
-def _recurrence_kernel(*refs, chunk, num_segments, has_init, store_h, block_k, precision):
+def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
     refs = list(refs)
-    h_ref = refs.pop() if store_h else None
-    final_ref = refs.pop()
-    o_ref = refs.pop()
-    refs.pop()  # the zero-filled buffer aliased to o
+    final_ref, vnew_ref, h_ref = refs.pop(), refs.pop(), refs.pop()
     init_ref = refs.pop() if has_init else None
-    lo_ref, hi_ref, seg_ref, first_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref = refs
+    lo_ref, hi_ref, seg_ref, first_ref, k_ref, w_ref, u_ref, g_ref = refs
     p = pl.program_id(0)
     s = p % num_segments
-    lo = lo_ref[p]
-    hi = hi_ref[p]
     dk, bv = final_ref.shape
-    kblocks = [pl.ds(i * block_k, block_k) for i in range(dk // block_k)]
+    kb = tc.blocks(dk, block_k)
 
     def load_init():
         if init_ref is None:
-            return tuple(jnp.zeros((block_k, bv), F32) for _ in kblocks)
-        return tuple(init_ref[kb, :].astype(F32) for kb in kblocks)
+            return tuple(jnp.zeros((block_k, bv), F32) for _ in kb)
+        return tuple(init_ref[col, :].astype(F32) for col in kb)
 
     def run_chunk(c, states):
         states = jax.lax.cond(first_ref[c] != 0, load_init, lambda: states)
-        if h_ref is not None:
-            for kb, s_b in zip(kblocks, states):
-                h_ref[c, kb, :] = s_b
-        rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        qs = [q_ref[rows, kb].astype(F32) for kb in kblocks]
-        ks = [k_ref[rows, kb].astype(F32) for kb in kblocks]
-        v = v_ref[rows, :].astype(F32)
-        beta = beta_ref[rows].astype(F32)
-        gcum = g_ref[rows]
-        gl = g_ref[c * chunk + chunk - 1]
-        t = t_ref[rows, :]
-        o, new_states = chunk_step(qs, ks, v, beta, gcum, gl, t, states, precision)
-        o_ref[rows, :] = o.astype(o_ref.dtype)
+        for col, s_b in zip(kb, states):
+            h_ref[c, col, :] = s_b.astype(h_ref.dtype)
+        rows = tc.chunk_rows(c, chunk)
+        gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
+        v_new, new_states = state_step(tc.tiles(k_ref, rows, kb), tc.tiles(w_ref, rows, kb),
+                                       u_ref[rows, :], gates, states, precision)
+        vnew_ref[rows, :] = v_new.astype(vnew_ref.dtype)
         return tuple(new_states)
 
     def body(c, states):
         return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, states)
 
-    final = jax.lax.fori_loop(lo, hi, body, load_init())
-    for kb, s_b in zip(kblocks, final):
-        final_ref[kb, :] = s_b
+    final = jax.lax.fori_loop(lo_ref[p], hi_ref[p], body, load_init())
+    for col, s_b in zip(kb, final):
+        final_ref[col, :] = s_b
 
 
-def chunk_recurrence(q, k, v, beta_t, gcum_t, t, init, lo, hi, seg, first, *, chunk: int,
-                     num_segments: int, block_v: int, precision: str = "tf32",
-                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                     store_h: bool = False, block_k: int = 64):
-    """Runs the state walk.  Shapes: q, k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L];
-    t [B, H, L, C]; init [B, S, H, dk, dv] or None; lo, hi [B*S]; seg, first [B, Nc].
-    Returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv] float32, h) where h (only with
-    store_h, else None) is [B, H, Nc, dk, dv] float32: the state at the start of every visited chunk
-    (for the backward pass; entries of unvisited chunks are undefined)."""
-    b, l, h, dk = q.shape
-    dv = v.shape[-1]
+def state_walk(k, w, u, gcum_t, init, lo, hi, seg, first, *, chunk: int, num_segments: int,
+               block_v: int, precision: str = "bf16", interpret: bool = False, num_warps: int = 4,
+               num_stages: int = 2, block_k: int = 64):
+    """Runs the state walk.  Shapes: k, w [B, L, H, dk]; u [B, L, H, dv] float32; gcum_t [B, H, L];
+    init [B, S, H, dk, dv] or None; lo, hi [B*S]; seg, first [B, Nc] (``cm.segment_ranges``).
+    Returns (h [B, H, Nc, dk, dv], v_new [B, L, H, dv], final [B, S, H, dk, dv] float32): h is the
+    state at the start of every visited chunk and v_new = U - W h, both in
+    ``tc.operand_dtype(precision)``; entries of unvisited chunks are undefined."""
+    b, l, h, dk = k.shape
+    dv = u.shape[-1]
     s = num_segments
     assert dv % block_v == 0
-    nv = dv // block_v
     nc = l // chunk
-    prec = resolve_precision(precision, interpret)
-    row = lambda p: p // s  # noqa: E731
-    in_specs = [
-        pl.BlockSpec((b * s,), lambda p, i, j: (0,)),
-        pl.BlockSpec((b * s,), lambda p, i, j: (0,)),
-        pl.BlockSpec((None, nc), lambda p, i, j: (row(p), 0)),
-        pl.BlockSpec((None, nc), lambda p, i, j: (row(p), 0)),
-        pl.BlockSpec((None, l, None, dk), lambda p, i, j: (row(p), 0, i, 0)),
-        pl.BlockSpec((None, l, None, dk), lambda p, i, j: (row(p), 0, i, 0)),
-        pl.BlockSpec((None, l, None, block_v), lambda p, i, j: (row(p), 0, i, j)),
-        pl.BlockSpec((None, None, l), lambda p, i, j: (row(p), i, 0)),
-        pl.BlockSpec((None, None, l), lambda p, i, j: (row(p), i, 0)),
-        pl.BlockSpec((None, None, l, chunk), lambda p, i, j: (row(p), i, 0, 0)),
-    ]
-    args = [lo, hi, seg, first, q, k, v, beta_t, gcum_t, t]
-    state_spec = pl.BlockSpec((None, None, None, dk, block_v), lambda p, i, j: (row(p), p % s, i, 0, j))
+    sp = tc.WalkSpecs(b, s, l, chunk)
+    in_specs = [sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.seq(dk), sp.seq(dk),
+                sp.seq_v(block_v), sp.gate()]
+    args = [lo, hi, seg, first, k, w, u, gcum_t]
     if init is not None:
-        in_specs.append(state_spec)
+        in_specs.append(sp.segment_state(dk, block_v))
         args.append(init)
-    o_spec = pl.BlockSpec((None, l, None, block_v), lambda p, i, j: (row(p), 0, i, j))
-    in_specs.append(o_spec)
-    args.append(jnp.zeros((b, l, h, dv), F32))
-    kernel = functools.partial(_recurrence_kernel, chunk=chunk, num_segments=s,
-                               has_init=init is not None, store_h=store_h,
-                               block_k=min(block_k, dk), precision=prec)
-    out_shape = [jax.ShapeDtypeStruct((b, l, h, dv), F32), jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)]
-    out_specs = [o_spec, state_spec]
-    if store_h:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32))
-        out_specs.append(pl.BlockSpec((None, None, nc, dk, block_v),
-                                      lambda p, i, j: (row(p), i, 0, 0, j)))
+    op_dtype = tc.operand_dtype(precision, interpret)
     outs = pl.pallas_call(
-        kernel,
-        out_shape=tuple(out_shape),
-        grid=(b * s, h, nv),
+        functools.partial(_walk_kernel, chunk=chunk, num_segments=s, has_init=init is not None,
+                          block_k=min(block_k, dk),
+                          precision=resolve_precision(precision, interpret)),
+        out_shape=(jax.ShapeDtypeStruct((b, h, nc, dk, dv), op_dtype),
+                   jax.ShapeDtypeStruct((b, l, h, dv), op_dtype),
+                   jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)),
+        grid=(b * s, h, dv // block_v),
         in_specs=in_specs,
-        out_specs=tuple(out_specs),
-        input_output_aliases={len(args) - 1: 0},
-        compiler_params=_triton_params(num_warps, num_stages),
+        out_specs=(sp.per_chunk_states(dk, block_v), sp.seq_v(block_v),
+                   sp.segment_state(dk, block_v)),
+        compiler_params=tc.triton_params(num_warps, num_stages),
         interpret=interpret,
-        name="gdn_chunk_recurrence",
+        name="gdn_state_walk",
     )(*args)
-    return outs[0], outs[1], (outs[2] if store_h else None)
+    return outs
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel 3: outputs of every chunk in parallel
+# ------------------------------------------------------------------------------------------------
+
+def _output_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, vnew_ref, o_ref, *, block_k, block_v,
+                   precision):
+    c = pl.program_id(0) % seg_ref.shape[0]
+    chunk, dk = q_ref.shape
+    kb = tc.blocks(dk, block_k)
+    vb = tc.blocks(o_ref.shape[1], block_v)
+    rows = pl.ds(0, chunk)
+
+    @pl.when(seg_ref[c] < 0)
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    @pl.when(seg_ref[c] >= 0)
+    def _():
+        mm = functools.partial(cm.mm, precision=precision)
+        gates = tc.Gates.load(g_ref, rows, chunk - 1)
+        qs = tc.tiles(q_ref, rows, kb)
+        p = None
+        for q_b, k_b in zip(qs, tc.tiles(k_ref, rows, kb)):
+            part = mm(q_b, k_b, tb=True)
+            p = part if p is None else p + part
+        p = p * gates.causal()
+        for vcol in vb:
+            o = mm(p, vnew_ref[:, vcol])
+            inter = None
+            for q_b, kcol in zip(qs, kb):
+                part = mm(q_b, h_ref[kcol, vcol])
+                inter = part if inter is None else inter + part
+            o_ref[:, vcol] = (o + gates.eg[:, None] * inter).astype(o_ref.dtype)
+
+
+def chunk_output(q, k, gcum_t, h, v_new, seg, *, chunk: int, precision: str = "bf16",
+                 interpret: bool = False, num_warps: int = 4, block_k: int = 64,
+                 block_v: int = 64):
+    """q, k [B, L, H, dk]; gcum_t [B, H, L]; h [B, H, Nc, dk, dv]; v_new [B, L, H, dv];
+    seg [B, Nc] -> o [B, L, H, dv] float32 (zero on chunks of no segment)."""
+    b, l, hh, dk = q.shape
+    dv = v_new.shape[-1]
+    sp = tc.ChunkSpecs(b, l, chunk)
+    return pl.pallas_call(
+        functools.partial(_output_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
+                          precision=resolve_precision(precision, interpret)),
+        out_shape=jax.ShapeDtypeStruct((b, l, hh, dv), F32),
+        grid=(b * (l // chunk), hh),
+        in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.state(dk, dv), sp.tok(dv)],
+        out_specs=sp.tok(dv),
+        compiler_params=tc.triton_params(num_warps, 1),
+        interpret=interpret,
+        name="gdn_chunk_output",
+    )(seg, q, k, gcum_t, h, v_new)

@@ -1,0 +1,173 @@
+"""Helpers shared by the Triton (GPU) kernels of the gated delta rule: precision names, compiler
+parameters, block specs of the two grid kinds, and loading one chunk's tiles inside a kernel.
+
+Two grid kinds are used:
+  * segment walks (``WalkSpecs``): grid (B*S, H, dv/BV); program (p, i, j) walks the chunks of
+    segment p % S of row p // S, head i, value block j, and sees the whole row's sequence;
+  * chunk-parallel kernels (``ChunkSpecs``): grid (B*Nc, H[, n]); program (p, i, .) sees chunk
+    p % Nc of row p // Nc, head i.
+Tensors are in the packed layout: time-major [B, L, H, d] sequences, head-major [B, H, L] gates,
+[B, H, L, C] T matrices, [B, H, Nc, dk, dv] per-chunk states, [B, S, H, dk, dv] segment states.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.gated_delta import common as cm
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def resolve_precision(precision: str, interpret: bool):
+    """Maps a precision name to what ``cm.mm`` takes.  Interpret mode (CPU) always uses float32."""
+    if interpret:
+        return HIGHEST
+    return {
+        "ieee": HIGHEST,
+        "tf32": jax.lax.Precision.DEFAULT,
+        "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+        "bf16": "bf16",
+    }[precision]
+
+
+def operand_dtype(precision: str, interpret: bool):
+    """Storage dtype of intermediates that are only ever dot operands (W, chunk-start states h,
+    their cotangents dh, v_new, du, dW): bfloat16 when the dots round their operands to bfloat16
+    anyway (storing them rounded changes nothing), else float32."""
+    return jnp.bfloat16 if (precision == "bf16" and not interpret) else F32
+
+
+def triton_params(num_warps: int, num_stages: int):
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def blocks(dim: int, block: int) -> list:
+    """Static slices covering [0, dim) in pieces of ``block`` (dim a multiple of block)."""
+    assert dim % block == 0, (dim, block)
+    return [pl.ds(i * block, block) for i in range(dim // block)]
+
+
+def chunk_rows(c, chunk: int):
+    """The rows of chunk ``c`` (traced int) in a whole-sequence ref."""
+    return pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+
+
+def tiles(ref, rows, cols: list) -> list:
+    """``[ref[rows, col] for col in cols]`` in the ref's dtype (the dots cast as their precision
+    says; elementwise use promotes to float32)."""
+    return [ref[rows, col] for col in cols]
+
+
+@dataclasses.dataclass
+class Gates:
+    """Decay factors of one chunk (all float32): G [C] the chunk-local cumulative log-decay,
+    gl = G_C (scalar), eg = e^G, ekd = e^{G_C - G}, egl = e^{G_C}."""
+    gcum: jax.Array
+    gl: jax.Array
+    eg: jax.Array
+    ekd: jax.Array
+    egl: jax.Array
+
+    @classmethod
+    def load(cls, g_ref, rows, last) -> "Gates":
+        """g_ref: a [L] (or [C]) float32 ref; rows: the chunk's rows; last: index of its last row."""
+        gcum = g_ref[rows]
+        gl = g_ref[last]
+        return cls(gcum, gl, jnp.exp(gcum), jnp.exp(gl - gcum), jnp.exp(gl))
+
+    def causal(self) -> jax.Array:
+        """D_ij = e^{G_i - G_j} for j <= i, else 0 ([C, C])."""
+        return cm.causal_decay(self.gcum)
+
+
+def last_row_mask(c: int):
+    """[C] bool: True at the chunk's last position."""
+    return jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+
+
+class WalkSpecs:
+    """Block specs of a segment-walk kernel, grid (B*S, H, dv/BV)."""
+
+    def __init__(self, b: int, s: int, l: int, chunk: int):
+        self.b, self.s, self.l, self.nc = b, s, l, l // chunk
+        self.chunk = chunk
+
+    def row(self, p):
+        return p // self.s
+
+    def ranges(self):
+        """lo / hi [B*S] int32 (whole array, scalars read by program id)."""
+        return pl.BlockSpec((self.b * self.s,), lambda p, i, j: (0,))
+
+    def flags(self):
+        """Per-chunk int32 flags of the program's row: [Nc]."""
+        return pl.BlockSpec((None, self.nc), lambda p, i, j: (self.row(p), 0))
+
+    def seq(self, d: int):
+        """A whole [L, d] sequence of the program's row and head (all of its last dim)."""
+        return pl.BlockSpec((None, self.l, None, d), lambda p, i, j: (self.row(p), 0, i, 0))
+
+    def seq_v(self, bv: int):
+        """The program's value block of a [B, L, H, dv] sequence: [L, BV]."""
+        return pl.BlockSpec((None, self.l, None, bv), lambda p, i, j: (self.row(p), 0, i, j))
+
+    def gate(self):
+        """A [B, H, L] gate of the program's row and head: [L]."""
+        return pl.BlockSpec((None, None, self.l), lambda p, i, j: (self.row(p), i, 0))
+
+    def per_chunk_states(self, dk: int, bv: int):
+        """[B, H, Nc, dk, dv] per-chunk states, the program's value block: [Nc, dk, BV]."""
+        return pl.BlockSpec((None, None, self.nc, dk, bv),
+                            lambda p, i, j: (self.row(p), i, 0, 0, j))
+
+    def segment_state(self, dk: int, bv: int):
+        """[B, S, H, dk, dv] segment states, the program's segment and value block: [dk, BV]."""
+        return pl.BlockSpec((None, None, None, dk, bv),
+                            lambda p, i, j: (self.row(p), p % self.s, i, 0, j))
+
+
+class ChunkSpecs:
+    """Block specs of a chunk-parallel kernel, grid (B*Nc, H) or (B*Nc, H, n); the optional third
+    grid index ``j`` selects a block of the last dim where a spec says so."""
+
+    def __init__(self, b: int, l: int, chunk: int):
+        self.b, self.l, self.chunk, self.nc = b, l, chunk, l // chunk
+
+    def _rc(self, p):
+        return p // self.nc, p % self.nc
+
+    def seg(self):
+        """chunk_segment [B, Nc] int32 of the program's row: [Nc]."""
+        return pl.BlockSpec((None, self.nc), lambda p, i, *j: (p // self.nc, 0))
+
+    def tok(self, d: int, blocked: bool = False):
+        """The chunk of a [B, L, H, d] sequence: [C, d] (blocked: [C, d] block j of the last dim)."""
+        return pl.BlockSpec((None, self.chunk, None, d),
+                            lambda p, i, *j: (*self._rc(p), i, j[0] if blocked else 0))
+
+    def gate(self):
+        """The chunk of a [B, H, L] gate: [C]."""
+        return pl.BlockSpec((None, None, self.chunk), lambda p, i, *j: (p // self.nc, i, p % self.nc))
+
+    def gate_part(self):
+        """Block j's share of a [n, B, H, L] gate-shaped sum: [C]."""
+        return pl.BlockSpec((None, None, None, self.chunk),
+                            lambda p, i, j: (j, p // self.nc, i, p % self.nc))
+
+    def tmat(self):
+        """The chunk's T of a [B, H, L, C] array: [C, C]."""
+        return pl.BlockSpec((None, None, self.chunk, self.chunk),
+                            lambda p, i, *j: (p // self.nc, i, p % self.nc, 0))
+
+    def state(self, dk: int, dv: int, key_blocked: bool = False):
+        """The chunk's entry of a [B, H, Nc, dk, dv] per-chunk state array: [dk, dv]
+        (key_blocked: rows block j, [BK, dv])."""
+        return pl.BlockSpec((None, None, None, dk, dv),
+                            lambda p, i, *j: (p // self.nc, i, p % self.nc,
+                                              j[0] if key_blocked else 0, 0))
