@@ -112,7 +112,7 @@ def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16):
 def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config,
              for_bwd: bool = False):
     """Runs the forward kernels; returns (o, final, residuals for the Pallas backward or None)."""
-    from pallas_kernels.gated_delta import triton_fwd, mosaic  # noqa: PLC0415
+    from pallas_kernels.gated_delta import mosaic, triton_common, triton_fwd  # noqa: PLC0415
 
     layout = PackedLayout(chunk_segment, num_segments, chunk)
     dk, dv = q.shape[-1], v.shape[-1]
@@ -126,12 +126,17 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                                                              interpret))
         return o, final, None
     qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk)
+    k_ut = kp  # the UT transform forms A = K K^T from K as given (tf32x3 / fp32 dots)
+    # Everything else uses q, k, v only as dot operands (plus elementwise terms of dg/dbeta):
+    # with bf16 dots, store them rounded once instead of loading fp32 tiles in every program.
+    op_dtype = triton_common.operand_dtype(config.precision, interpret)
+    qp, kp, vp = (x.astype(op_dtype) if x.dtype != op_dtype else x for x in (qp, kp, vp))
     dkp, dvp = qp.shape[-1], vp.shape[-1]
     block_v = min(dvp, config.block_v or 64)
     block_k = min(dkp, config.block_k)
     lo, hi, seg, first = cm.segment_ranges(layout)
     store = for_bwd and config.bwd == "pallas"
-    t, w, u = triton_fwd.ut_transform(kp, vp, beta_t, gcum_t, chunk, interpret=interpret,
+    t, w, u = triton_fwd.ut_transform(k_ut, vp, beta_t, gcum_t, chunk, interpret=interpret,
                                       num_warps=config.par_num_warps,
                                       ut_precision=config.ut_precision,
                                       precision=config.precision, with_t=store,

@@ -3,7 +3,9 @@
 Forward per chunk (``triton_fwd``; S0 = h the state at the chunk start, Kb = diag(b e^G) K,
 Vb = diag(b) V, W = T Kb, U = T Vb, P = (Q K^T) * D, Kd = diag(e^{G_C - G}) K):
   v_new = U - W S0,  O = diag(e^G) Q S0 + P v_new,  S_C = e^{G_C} S0 + Kd^T v_new.
-Backward, with dS the cotangent of the state after the chunk, in three launches:
+Backward, with dS the cotangent of the state after the chunk, in four launches:
+
+  0. ``dv_local`` (chunk-parallel): P^T dO, the intra-chunk part of du (kept out of the walk).
 
   1. ``state_grad_walk`` (sequential, grid (B*S, H, dv/BV)): walks each segment's chunks backwards
      carrying dS ([dk, BV] float32 tiles), stores dh = dS and
@@ -47,18 +49,18 @@ resolve_precision = tc.resolve_precision
 # Kernel 1: sequential reverse walk for the state cotangents
 # ------------------------------------------------------------------------------------------------
 
-def state_grad_step(qs, ks, ws, do, gates: tc.Gates, dss, precision):
+def state_grad_step(qs, ks, ws, do, dv_local, gates: tc.Gates, dss, precision):
     """Cotangents through one chunk, the key dimension split into blocks.
 
-    qs, ks, ws: lists of [C, BK] tiles of Q, K, W; do: [C, BV]; dss: list of [BK, BV] float32 tiles
-    of dS.  Returns (du [C, BV] float32, dS0 tiles)."""
+    qs, ks, ws: lists of [C, BK] tiles of Q, K, W; do: [C, BV]; dv_local: [C, BV] P^T dO (from
+    ``dv_local``); dss: list of [BK, BV] float32 tiles of dS.  Returns (du [C, BV] float32, dS0
+    tiles)."""
     mm = functools.partial(cm.mm, precision=precision)
-    p = kds = None
-    for q_b, k_b, ds_b in zip(qs, ks, dss):
-        pb, kb = mm(q_b, k_b, tb=True), mm(k_b, ds_b)
-        p = pb if p is None else p + pb
-        kds = kb if kds is None else kds + kb
-    du = gates.ekd[:, None] * kds + mm(p * gates.causal(), do, ta=True)
+    kds = None
+    for k_b, ds_b in zip(ks, dss):
+        part = mm(k_b, ds_b)
+        kds = part if kds is None else kds + part
+    du = gates.ekd[:, None] * kds + dv_local
     doe = do * gates.eg[:, None]
     ds0s = [mm(q_b, doe, ta=True) + gates.egl * ds_b - mm(w_b, du, ta=True)
             for q_b, w_b, ds_b in zip(qs, ws, dss)]
@@ -71,7 +73,7 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
     du_ref, dh_ref = refs.pop(), refs.pop()
     if has_init:
         refs.pop()  # zeros aliased to dinit
-    (lo_ref, hi_ref, seg_ref, last_ref, first_ref, q_ref, k_ref, w_ref, g_ref, do_ref,
+    (lo_ref, hi_ref, seg_ref, last_ref, first_ref, q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref,
      dfinal_ref) = refs
     p_id = pl.program_id(0)
     s = p_id % num_segments
@@ -88,8 +90,8 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
         rows = tc.chunk_rows(c, chunk)
         gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
         du, ds0s = state_grad_step(tc.tiles(q_ref, rows, kb), tc.tiles(k_ref, rows, kb),
-                                   tc.tiles(w_ref, rows, kb), do_ref[rows, :], gates, list(dss),
-                                   precision)
+                                   tc.tiles(w_ref, rows, kb), do_ref[rows, :], dvl_ref[rows, :],
+                                   gates, list(dss), precision)
         du_ref[rows, :] = du.astype(du_ref.dtype)
         if dinit_ref is not None:
             @pl.when(first_ref[c] != 0)
@@ -105,9 +107,10 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
     jax.lax.fori_loop(0, hi - lo, body, tuple(jnp.zeros((block_k, bv), F32) for _ in kb))
 
 
-def state_grad_walk(q, k, w, gcum_t, do, dfinal, lo, hi, seg, first, last, *, chunk,
+def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, last, *, chunk,
                     num_segments, block_v, has_init, precision, interpret, num_warps, block_k):
-    """q, k, w [B, L, H, dk]; gcum_t [B, H, L]; do [B, L, H, dv]; dfinal [B, S, H, dk, dv] float32;
+    """q, k, w [B, L, H, dk]; gcum_t [B, H, L]; do, dv_local [B, L, H, dv];
+    dfinal [B, S, H, dk, dv] float32;
     lo, hi [B*S]; seg, first, last [B, Nc].  Returns (dh [B, H, Nc, dk, dv] (cotangent of the state
     after each visited chunk), du [B, L, H, dv] (cotangent of v_new), both in
     ``tc.operand_dtype(precision)`` and undefined on unvisited chunks, d(initial state)
@@ -118,9 +121,9 @@ def state_grad_walk(q, k, w, gcum_t, do, dfinal, lo, hi, seg, first, last, *, ch
     nc = l // chunk
     sp = tc.WalkSpecs(b, s, l, chunk)
     in_specs = [sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.flags(), sp.seq(dk),
-                sp.seq(dk), sp.seq(dk), sp.gate(), sp.seq_v(block_v),
+                sp.seq(dk), sp.seq(dk), sp.gate(), sp.seq_v(block_v), sp.seq_v(block_v),
                 sp.segment_state(dk, block_v)]
-    args = [lo, hi, seg, last, first, q, k, w, gcum_t, do, dfinal]
+    args = [lo, hi, seg, last, first, q, k, w, gcum_t, do, dv_local, dfinal]
     op_dtype = tc.operand_dtype(precision, interpret)
     out_shape = [jax.ShapeDtypeStruct((b, hh, nc, dk, dv), op_dtype),
                  jax.ShapeDtypeStruct((b, l, hh, dv), op_dtype)]
@@ -141,6 +144,49 @@ def state_grad_walk(q, k, w, gcum_t, do, dfinal, lo, hi, seg, first, last, *, ch
         name="gdn_bwd_state_walk",
     )(*args)
     return outs[0], outs[1], (outs[2] if has_init else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel 0 (before the walk): the intra-chunk part of du, chunk-parallel
+# ------------------------------------------------------------------------------------------------
+
+def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *, block_k, block_v,
+                     precision):
+    c = pl.program_id(0) % seg_ref.shape[0]
+    chunk, dk = q_ref.shape
+
+    @pl.when(seg_ref[c] < 0)
+    def _():
+        dvl_ref[...] = jnp.zeros(dvl_ref.shape, dvl_ref.dtype)
+
+    @pl.when(seg_ref[c] >= 0)
+    def _():
+        mm = functools.partial(cm.mm, precision=precision)
+        rows = pl.ds(0, chunk)
+        kb = tc.blocks(dk, block_k)
+        p = None
+        for q_b, k_b in zip(tc.tiles(q_ref, rows, kb), tc.tiles(k_ref, rows, kb)):
+            part = mm(q_b, k_b, tb=True)
+            p = part if p is None else p + part
+        p = p * tc.Gates.load(g_ref, rows, chunk - 1).causal()
+        for vcol in tc.blocks(do_ref.shape[1], block_v):
+            dvl_ref[:, vcol] = mm(p, do_ref[:, vcol], ta=True).astype(dvl_ref.dtype)
+
+
+def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, block_k, block_v):
+    """q, k [B, L, H, dk]; gcum_t [B, H, L]; do [B, L, H, dv]; seg [B, Nc] ->
+    P^T dO [B, L, H, dv] float32 with P = (Q K^T) * D per chunk (zero on chunks of no segment)."""
+    b, l, hh, dk = q.shape
+    dv = do.shape[-1]
+    sp = tc.ChunkSpecs(b, l, chunk)
+    return pl.pallas_call(
+        functools.partial(_dv_local_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
+                          precision=resolve_precision(precision, interpret)),
+        out_shape=jax.ShapeDtypeStruct((b, l, hh, dv), F32), grid=(b * (l // chunk), hh),
+        in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.tok(dv)], out_specs=sp.tok(dv),
+        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        name="gdn_bwd_dv_local",
+    )(seg, q, k, gcum_t, do)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,13 +361,15 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     block_v = min(dvp, config.bwd_block_v or config.block_v or 64)
     block_k = min(dkp, config.block_k)
     has_init = init is not None
-    do_p = cm.pad_last(do.astype(F32), dvp)
+    do_p = cm.pad_last(do.astype(tc.operand_dtype(config.precision, interpret)), dvp)
     dfinal_p = cm.pad_last(dfinal.astype(F32), dvp)
     if dkp != dk:
         dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
     common = dict(chunk=chunk, precision=config.precision, interpret=interpret, block_k=block_k)
+    dvl = dv_local(qp, kp, gcum_t, do_p, seg, num_warps=config.par_num_warps, block_v=block_v,
+                   **common)
     dh, du, dinit = state_grad_walk(
-        qp, kp, w, gcum_t, do_p, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
+        qp, kp, w, gcum_t, do_p, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
         block_v=block_v, has_init=has_init, num_warps=config.num_warps, **common)
     dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
                                     num_warps=config.par_num_warps, block_v=block_v, **common)
