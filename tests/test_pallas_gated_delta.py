@@ -167,9 +167,10 @@ def test_chunk64_many_chunks_and_odd_head_dims():
 
 
 def test_several_key_and_value_tiles():
-    """dk=32 as two 16-wide key tiles, dv=48 as three 16-wide value blocks (sums over value blocks
-    inside the chunk-parallel kernels, dG shares of the key blocks)."""
-    config = gd_api.Config(block_k=16, block_v=16)
+    """dk=32 as two 16-wide key tiles, dv=48 (padded to 64) as 16-wide value blocks: several walk
+    programs per head, loops over value and key blocks inside the chunk-parallel kernels, dG shares
+    of the key blocks."""
+    config = gd_api.Config(block_k=16, block_v=16, par_block_v=16)
     case = make_case("packed", dk=32, dv=48, seed=17)
     o, final = jrun(case, "pallas", config)
     o_ref, final_ref = jrun(case, "scan")

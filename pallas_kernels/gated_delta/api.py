@@ -40,8 +40,8 @@ class Config:
       tf32 -> HIGH, else HIGHEST.
     ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
       Interpret mode is always float32.
-    block_v: value-dimension block of a sequential walk program (None: min(dv, 64)); the
-      chunk-parallel kernels loop over value blocks of this size inside the program.
+    block_v: value-dimension block of a sequential walk program (None: min(dv, 32)).
+    par_block_v: value block that the chunk-parallel kernels loop over inside a program.
     block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
       splits dk into blocks of this size).
     num_warps, num_stages: the two sequential walks (forward state walk, backward dS walk).
@@ -57,7 +57,8 @@ class Config:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 2
-    par_num_warps: int = 4
+    par_num_warps: int = 8
+    par_block_v: int = 64
     bwd: str = "pallas"
     bwd_block_v: int | None = None
 
@@ -132,7 +133,8 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     op_dtype = triton_common.operand_dtype(config.precision, interpret)
     qp, kp, vp = (x.astype(op_dtype) if x.dtype != op_dtype else x for x in (qp, kp, vp))
     dkp, dvp = qp.shape[-1], vp.shape[-1]
-    block_v = min(dvp, config.block_v or 64)
+    block_v = min(dvp, config.block_v or 32)
+    par_block_v = min(dvp, config.par_block_v)
     block_k = min(dkp, config.block_k)
     lo, hi, seg, first = cm.segment_ranges(layout)
     store = for_bwd and config.bwd == "pallas"
@@ -140,14 +142,15 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                       num_warps=config.par_num_warps,
                                       ut_precision=config.ut_precision,
                                       precision=config.precision, with_t=store,
-                                      block_k=block_k, block_v=block_v)
+                                      block_k=block_k, block_v=par_block_v)
     h, v_new, final = triton_fwd.state_walk(
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,
         num_warps=config.num_warps, num_stages=config.num_stages, block_k=block_k)
     o = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
                                 precision=config.precision, interpret=interpret,
-                                num_warps=config.par_num_warps, block_k=block_k, block_v=block_v)
+                                num_warps=config.par_num_warps, block_k=block_k,
+                                block_v=par_block_v)
     extra = (qp, kp, vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None
     return o[..., :dv], final[..., :dk, :dv], extra
 

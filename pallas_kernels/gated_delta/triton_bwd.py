@@ -81,18 +81,35 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
     dk, bv = dfinal_ref.shape
     kb = tc.blocks(dk, block_k)
 
+    # dh[c] (the cotangent of the state after chunk c) is stored where it is computed, not from
+    # the loop-carried tiles (storing those made Triton carry them in two layouts, and spill):
+    # dfinal at the segment's last chunk, zero at the end of an earlier run, and otherwise dS0 of
+    # chunk c + 1 (same run), stored by that chunk's step.
     def run_chunk(c, dss):
-        dss = jax.lax.cond(
-            c == hi - 1, lambda: tuple(dfinal_ref[col, :].astype(F32) for col in kb),
-            lambda: tuple(jnp.where(last_ref[c] != 0, 0.0, d) for d in dss))
-        for col, d in zip(kb, dss):
-            dh_ref[c, col, :] = d.astype(dh_ref.dtype)
+        def at_end():
+            d = tuple(dfinal_ref[col, :].astype(F32) for col in kb)
+            for col, d_b in zip(kb, d):
+                dh_ref[c, col, :] = d_b.astype(dh_ref.dtype)
+            return d
+
+        def at_run_end():
+            for col in kb:
+                dh_ref[c, col, :] = jnp.zeros((block_k, bv), dh_ref.dtype)
+            return tuple(jnp.zeros((block_k, bv), F32) for _ in kb)
+
+        dss = jax.lax.cond(c == hi - 1, at_end,
+                           lambda: jax.lax.cond(last_ref[c] != 0, at_run_end, lambda: dss))
         rows = tc.chunk_rows(c, chunk)
         gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
         du, ds0s = state_grad_step(tc.tiles(q_ref, rows, kb), tc.tiles(k_ref, rows, kb),
                                    tc.tiles(w_ref, rows, kb), do_ref[rows, :], dvl_ref[rows, :],
                                    gates, list(dss), precision)
         du_ref[rows, :] = du.astype(du_ref.dtype)
+        @pl.when(first_ref[c] == 0)
+        def _():
+            for col, d in zip(kb, ds0s):
+                dh_ref[c - 1, col, :] = d.astype(dh_ref.dtype)
+
         if dinit_ref is not None:
             @pl.when(first_ref[c] != 0)
             def _():
@@ -169,8 +186,11 @@ def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *, block_k, 
             part = mm(q_b, k_b, tb=True)
             p = part if p is None else p + part
         p = p * tc.Gates.load(g_ref, rows, chunk - 1).causal()
-        for vcol in tc.blocks(do_ref.shape[1], block_v):
+        def value_block(vcol, carry):
             dvl_ref[:, vcol] = mm(p, do_ref[:, vcol], ta=True).astype(dvl_ref.dtype)
+            return carry
+
+        tc.fori_blocks(do_ref.shape[1], block_v, value_block, 0)
 
 
 def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, block_k, block_v):
@@ -209,18 +229,20 @@ def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, 
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
         gates = tc.Gates.load(g_ref, rows, chunk - 1)
-        dp = do_h = vn_dh = du_h = None
-        hdh = None
-        for vcol in tc.blocks(do_ref.shape[1], block_v):
+        bk = q_ref.shape[1]
+
+        def value_block(vcol, acc):
             do_j, vn_j, du_j = do_ref[:, vcol], vnew_ref[:, vcol], du_ref[:, vcol]
             h_j, dh_j = h_ref[:, vcol], dh_ref[:, vcol]
             parts = (mm(do_j, vn_j, tb=True), mm(do_j, h_j, tb=True), mm(vn_j, dh_j, tb=True),
                      mm(du_j, h_j, tb=True), jnp.sum(dh_j.astype(F32) * h_j.astype(F32)))
-            if dp is None:
-                dp, do_h, vn_dh, du_h, hdh = parts
-            else:
-                dp, do_h, vn_dh, du_h, hdh = (a + b for a, b in zip((dp, do_h, vn_dh, du_h, hdh),
-                                                                    parts))
+            return tuple(a + b for a, b in zip(acc, parts))
+
+        zeros = lambda n, m: jnp.zeros((n, m), F32)  # noqa: E731
+        dp, do_h, vn_dh, du_h, hdh = tc.fori_blocks(
+            do_ref.shape[1], block_v, value_block,
+            (zeros(chunk, chunk), zeros(chunk, bk), zeros(chunk, bk), zeros(chunk, bk),
+             jnp.zeros((), F32)))
         dpd = dp * gates.causal()
         q = q_ref[...]
         k = k_ref[...]
@@ -282,38 +304,44 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
-        kb = tc.blocks(dk, block_k)
         gates = tc.Gates.load(g_ref, rows, chunk - 1)
         beta = beta_ref[...].astype(F32)
         beg = (beta * gates.eg)[:, None]
         t = t_ref[...]
-        dt = kk = None
-        for col in kb:  # dT = dW Kb^T + ...;  KK^T
+
+        def key_block_a(col, carry):  # dT = dW Kb^T + ...;  KK^T
+            dt, kk = carry
             k_b = k_ref[:, col]
-            parts = (mm(dw_ref[:, col], k_b * beg, tb=True), mm(k_b, k_b, tb=True))
-            dt, kk = parts if dt is None else (dt + parts[0], kk + parts[1])
-        dbeta = None
-        for vcol in tc.blocks(v_ref.shape[1], block_v):  # ... + du Vb^T;  dV = diag(b) T^T du
+            return (dt + mm(dw_ref[:, col], k_b * beg, tb=True), kk + mm(k_b, k_b, tb=True))
+
+        cc = jnp.zeros((chunk, chunk), F32)
+        dt, kk = tc.fori_blocks(dk, block_k, key_block_a, (cc, cc))
+
+        def value_block(vcol, carry):  # ... + du Vb^T;  dV = diag(b) T^T du
+            dt, dbeta = carry
             v_j, du_j = v_ref[:, vcol].astype(F32), du_ref[:, vcol]
-            dt = dt + mm(du_j, v_j * beta[:, None], tb=True)
             dvb = mm(t, du_j, ta=True)
             dv_ref[:, vcol] = (dvb * beta[:, None]).astype(dv_ref.dtype)
-            part = jnp.sum(dvb * v_j, axis=1)
-            dbeta = part if dbeta is None else dbeta + part
+            return dt + mm(du_j, v_j * beta[:, None], tb=True), dbeta + jnp.sum(dvb * v_j, axis=1)
+
+        dt, dbeta = tc.fori_blocks(v_ref.shape[1], block_v, value_block,
+                                   (dt, jnp.zeros((chunk,), F32)))
         da = -mm(mm(t, dt, ta=True), t, tb=True)
         dae = da * cm.strict_decay(gates.gcum)            # E * dA, strictly lower
         m_a = dae * kk * beta[:, None]                    # dA * A
         dbeta = dbeta + jnp.sum(dae * kk, axis=1)
         dg = jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0)
         dkk = dae * beta[:, None]
-        for col in kb:
+
+        def key_block_b(col, carry):
+            dbeta, dg = carry
             k_b, dw_b = k_ref[:, col], dw_ref[:, col]
             dkb = mm(t, dw_b, ta=True)                    # T^T dW
-            kbf = k_b.astype(F32)
-            dkbk = jnp.sum(dkb * kbf, axis=1)
-            dbeta = dbeta + dkbk * gates.eg
-            dg = dg + dkbk * beg[:, 0]
+            dkbk = jnp.sum(dkb * k_b.astype(F32), axis=1)
             dk_ref[:, col] = (dkd_ref[:, col] + dkb * beg + mm(dkk, k_b) + mm(dkk, k_b, ta=True))
+            return dbeta + dkbk * gates.eg, dg + dkbk * beg[:, 0]
+
+        dbeta, dg = tc.fori_blocks(dk, block_k, key_block_b, (dbeta, dg))
         dbeta_ref[...] = dbeta
         dg_ref[...] = dg
 
@@ -358,7 +386,8 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dkp, dvp = qp.shape[-1], vp.shape[-1]
     layout = PackedLayout(chunk_segment, num_segments, chunk)
     last = layout.chunk_last().astype(jnp.int32)
-    block_v = min(dvp, config.bwd_block_v or config.block_v or 64)
+    block_v = min(dvp, config.bwd_block_v or config.block_v or 32)
+    par_block_v = min(dvp, config.par_block_v)
     block_k = min(dkp, config.block_k)
     has_init = init is not None
     do_p = cm.pad_last(do.astype(tc.operand_dtype(config.precision, interpret)), dvp)
@@ -366,15 +395,14 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     if dkp != dk:
         dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
     common = dict(chunk=chunk, precision=config.precision, interpret=interpret, block_k=block_k)
-    dvl = dv_local(qp, kp, gcum_t, do_p, seg, num_warps=config.par_num_warps, block_v=block_v,
-                   **common)
+    par = dict(num_warps=config.par_num_warps, block_v=par_block_v)
+    dvl = dv_local(qp, kp, gcum_t, do_p, seg, **par, **common)
     dh, du, dinit = state_grad_walk(
         qp, kp, w, gcum_t, do_p, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
         block_v=block_v, has_init=has_init, num_warps=config.num_warps, **common)
-    dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
-                                    num_warps=config.par_num_warps, block_v=block_v, **common)
-    dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg,
-                                    num_warps=config.par_num_warps, block_v=block_v, **common)
+    dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par, **common)
+    dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
+                                    **common)
     dgc = (jnp.sum(dg_qk, axis=0) + dg_wy).reshape(b, hh, l // chunk, chunk)   # w.r.t. G
     dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), axis=-1), -1).reshape(b, hh, l)
     dg = jnp.transpose(dg, (0, 2, 1))

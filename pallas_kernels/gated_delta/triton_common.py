@@ -53,6 +53,18 @@ def blocks(dim: int, block: int) -> list:
     return [pl.ds(i * block, block) for i in range(dim // block)]
 
 
+def fori_blocks(dim: int, block: int, body, init):
+    """``carry = body(cols, carry)`` for the column blocks ``cols`` of [0, dim), as a loop (an
+    ``scf.for``, so Triton cannot hoist every block's loads to the top and keep them all live)
+    when there is more than one block."""
+    assert dim % block == 0, (dim, block)
+    n = dim // block
+    if n == 1:
+        return body(pl.ds(0, block), init)
+    return jax.lax.fori_loop(
+        0, n, lambda j, carry: body(pl.ds(pl.multiple_of(j * block, block), block), carry), init)
+
+
 def chunk_rows(c, chunk: int):
     """The rows of chunk ``c`` (traced int) in a whole-sequence ref."""
     return pl.ds(pl.multiple_of(c * chunk, chunk), chunk)

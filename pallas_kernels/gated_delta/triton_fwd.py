@@ -36,23 +36,27 @@ def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, p
                block_v):
     t_ref, w_ref, u_ref = out_refs if with_t else (None, *out_refs)
     c, dk = k_ref.shape
-    kb = tc.blocks(dk, block_k)
-    vb = tc.blocks(v_ref.shape[1], block_v)
     rows = pl.ds(0, c)
     beta = beta_ref[...].astype(F32)
     gates = tc.Gates.load(g_ref, rows, c - 1)
-    kk = None
-    for k_b in tc.tiles(k_ref, rows, kb):
-        part = cm.mm(k_b, k_b, ut_precision, tb=True)
-        kk = part if kk is None else kk + part
+    kk = tc.fori_blocks(dk, block_k, lambda col, kk: kk + cm.mm(k_ref[:, col], k_ref[:, col],
+                                                                 ut_precision, tb=True),
+                        jnp.zeros((c, c), F32))
     t = cm.ut_inverse(cm.strict_a_from_kk(kk, beta, gates.gcum), ut_precision)
     if t_ref is not None:
         t_ref[...] = t
     beg = (beta * gates.eg)[:, None]
-    for col in kb:
+
+    def key_block(col, carry):
         w_ref[:, col] = cm.mm(t, k_ref[:, col] * beg, precision).astype(w_ref.dtype)
-    for col in vb:
+        return carry
+
+    def value_block(col, carry):
         u_ref[:, col] = cm.mm(t, v_ref[:, col] * beta[:, None], precision).astype(u_ref.dtype)
+        return carry
+
+    tc.fori_blocks(dk, block_k, key_block, 0)
+    tc.fori_blocks(v_ref.shape[1], block_v, value_block, 0)
 
 
 def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
@@ -125,21 +129,37 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
             return tuple(jnp.zeros((block_k, bv), F32) for _ in kb)
         return tuple(init_ref[col, :].astype(F32) for col in kb)
 
+    nc = first_ref.shape[0]
+    hi = hi_ref[p]
+
+    # h[c] (the state at the start of chunk c) is stored where it is computed, not from the
+    # loop-carried tiles (storing those made Triton carry them in two layouts, and spill): the
+    # initial state at a run start, else the new state of chunk c - 1, stored by that chunk's step.
     def run_chunk(c, states):
-        states = jax.lax.cond(first_ref[c] != 0, load_init, lambda: states)
-        for col, s_b in zip(kb, states):
-            h_ref[c, col, :] = s_b.astype(h_ref.dtype)
+        def start():
+            init = load_init()
+            for col, s_b in zip(kb, init):
+                h_ref[c, col, :] = s_b.astype(h_ref.dtype)
+            return init
+
+        states = jax.lax.cond(first_ref[c] != 0, start, lambda: states)
         rows = tc.chunk_rows(c, chunk)
         gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
         v_new, new_states = state_step(tc.tiles(k_ref, rows, kb), tc.tiles(w_ref, rows, kb),
                                        u_ref[rows, :], gates, states, precision)
         vnew_ref[rows, :] = v_new.astype(vnew_ref.dtype)
+
+        @pl.when((c + 1 < hi) & (first_ref[jnp.minimum(c + 1, nc - 1)] == 0))
+        def _():
+            for col, s_b in zip(kb, new_states):
+                h_ref[c + 1, col, :] = s_b.astype(h_ref.dtype)
+
         return tuple(new_states)
 
     def body(c, states):
         return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, states)
 
-    final = jax.lax.fori_loop(lo_ref[p], hi_ref[p], body, load_init())
+    final = jax.lax.fori_loop(lo_ref[p], hi, body, load_init())
     for col, s_b in zip(kb, final):
         final_ref[col, :] = s_b
 
@@ -192,7 +212,6 @@ def _output_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, vnew_ref, o_ref, *, bloc
     c = pl.program_id(0) % seg_ref.shape[0]
     chunk, dk = q_ref.shape
     kb = tc.blocks(dk, block_k)
-    vb = tc.blocks(o_ref.shape[1], block_v)
     rows = pl.ds(0, chunk)
 
     @pl.when(seg_ref[c] < 0)
@@ -209,13 +228,16 @@ def _output_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, vnew_ref, o_ref, *, bloc
             part = mm(q_b, k_b, tb=True)
             p = part if p is None else p + part
         p = p * gates.causal()
-        for vcol in vb:
+        def value_block(vcol, carry):
             o = mm(p, vnew_ref[:, vcol])
             inter = None
             for q_b, kcol in zip(qs, kb):
                 part = mm(q_b, h_ref[kcol, vcol])
                 inter = part if inter is None else inter + part
             o_ref[:, vcol] = (o + gates.eg[:, None] * inter).astype(o_ref.dtype)
+            return carry
+
+        tc.fori_blocks(o_ref.shape[1], block_v, value_block, 0)
 
 
 def chunk_output(q, k, gcum_t, h, v_new, seg, *, chunk: int, precision: str = "bf16",
