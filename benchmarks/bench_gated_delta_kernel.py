@@ -72,47 +72,61 @@ def make_fns(impl, r):
 
 
 def breakdown(shape, config, repeats):
-    """Times the three Pallas kernels separately (inputs prepared as the API does)."""
+    """Times every Pallas kernel alone (inputs prepared as the API does; one segment per row):
+    forward UT transform (T, W, U), state walk (h, v_new), outputs; backward P^T dO, dS walk,
+    dq/dk/dW, WY part."""
     from mom_jax.ops.common import rows_layout  # noqa: PLC0415
     from pallas_kernels.gated_delta import common as cm  # noqa: PLC0415
-    from pallas_kernels.gated_delta import triton_bwd, triton_fwd  # noqa: PLC0415
+    from pallas_kernels.gated_delta import triton_bwd, triton_common, triton_fwd  # noqa: PLC0415
     (q, k, v, g, beta), r = make_inputs(shape)
     b, t, h, dk, dv = shape
+    chunk = 64
     q = ops_common.l2norm(q) * dk ** -0.5
     k = ops_common.l2norm(k)
-    layout = rows_layout(b, t, 64)
-    qp, kp, vp, beta_t, gcum_t, _ = gd_api._prepare(q, k, v, g, beta, None, 64)
+    layout = rows_layout(b, t, chunk)
+    qp, kp, vp, beta_t, gcum_t, _ = gd_api._prepare(q, k, v, g, beta, None, chunk)
+    interp = gd_api._interpret()
+    op = triton_common.operand_dtype(config.precision, interp)
+    k_ut = kp
+    qp, kp, vp = (x.astype(op) for x in (qp, kp, vp))
+    do = r.astype(op)
     lo, hi, seg, first = cm.segment_ranges(layout)
     last = layout.chunk_last().astype(jnp.int32)
-    bv = min(dv, config.block_v or 64)
-    interp = gd_api._interpret()
-    ut = jax.jit(lambda kp, bt, gt: triton_fwd.ut_transform(
-        kp, bt, gt, 64, precision=config.ut_precision, interpret=interp))
-    tmat = ut(kp, beta_t, gcum_t)
-    out = {"ut_transform_ms": time_fn(ut, (kp, beta_t, gcum_t), repeats)["median_ms"]}
-    for store_h in (False, True):
-        rec = jax.jit(lambda *a, store_h=store_h: triton_fwd.chunk_recurrence(
-            *a, None, lo, hi, seg, first, chunk=64, num_segments=1, block_v=bv,
-            precision=config.precision, num_warps=config.num_warps,
-            num_stages=config.num_stages, store_h=store_h, block_k=config.block_k,
-            interpret=interp))
-        args = (qp, kp, vp, beta_t, gcum_t, tmat)
-        out[f"recurrence{'_store_h' if store_h else ''}_ms"] = time_fn(rec, args, repeats)["median_ms"]
-    _, _, hstates = rec(*args)
+    bv = min(dv, config.block_v or 32)
+    pbv = min(dv, config.par_block_v)
+    bk = min(dk, config.block_k)
+    prec = dict(precision=config.precision, interpret=interp)
+    par = dict(chunk=chunk, num_warps=config.par_num_warps, block_k=bk, block_v=pbv, **prec)
+    out = {}
+
+    def timed(name, fn, *args):
+        f = jax.jit(fn)
+        out[name + "_ms"] = time_fn(f, args, repeats)["median_ms"]
+        return f(*args)
+
+    tm, w, u = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
+        kk, vv, bb, gg, chunk, ut_precision=config.ut_precision, num_warps=config.par_num_warps,
+        block_k=bk, block_v=pbv, **prec), k_ut, vp, beta_t, gcum_t)
+    hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg: triton_fwd.state_walk(
+        kk, ww, uu, gg, None, lo, hi, seg, first, chunk=chunk, num_segments=1, block_v=bv,
+        num_warps=config.num_warps, num_stages=config.num_stages, block_k=bk, **prec),
+        kp, w, u, gcum_t)
+    timed("chunk_output", lambda *a: triton_fwd.chunk_output(*a, seg, **par),
+          qp, kp, gcum_t, hs, v_new)
+    dvl = timed("bwd_dv_local", lambda *a: triton_bwd.dv_local(*a, seg, **par),
+                qp, kp, gcum_t, do)
     dfinal = jax.random.normal(jax.random.PRNGKey(3), (b, 1, h, dk, dv), jnp.float32)
-    bvb = min(dv, config.bwd_block_v or config.block_v or 64)
-    walk = jax.jit(lambda *a: triton_bwd.dh_call(
-        *a, lo, hi, seg, first, last, chunk=64, num_segments=1, block_v=bvb, has_init=False,
-        precision=config.precision, interpret=interp, num_warps=config.num_warps,
-        block_k=config.block_k)[0])
-    wargs = (qp, kp, beta_t, gcum_t, tmat, r, dfinal)
-    out["bwd_state_walk_ms"] = time_fn(walk, wargs, repeats)["median_ms"]
-    dh = walk(*wargs)
-    cg = jax.jit(lambda *a: triton_bwd.chunk_grad_call(
-        *a, seg, chunk=64, block_v=bvb, precision=config.precision, interpret=interp,
-        num_warps=config.bwd_num_warps, block_k=config.block_k))
-    out["bwd_chunk_grads_ms"] = time_fn(cg, (qp, kp, vp, beta_t, gcum_t, tmat, hstates, dh, r),
-                                        repeats)["median_ms"]
+    dh, du, _ = timed("bwd_state_walk", lambda *a: triton_bwd.state_grad_walk(
+        *a, lo, hi, seg, first, last, chunk=chunk, num_segments=1, block_v=bv, has_init=False,
+        num_warps=config.num_warps, block_k=bk, **prec), qp, kp, w, gcum_t, do, dvl, dfinal)
+    _, dkd, dw, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **par),
+                          qp, kp, gcum_t, hs, dh, v_new, do, du)
+    timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(*a, seg, **par),
+          kp, vp, beta_t, gcum_t, tm, dw, du, dkd)
+    out["fwd_kernels_ms"] = sum(out[n + "_ms"] for n in ("ut_transform", "state_walk",
+                                                          "chunk_output"))
+    out["bwd_kernels_ms"] = sum(out[n + "_ms"] for n in ("bwd_dv_local", "bwd_state_walk",
+                                                          "bwd_dqkw", "bwd_wy"))
     return {k_: round(v_, 4) for k_, v_ in out.items()}
 
 
@@ -182,11 +196,13 @@ def main():
     ap.add_argument("--check-shapes", nargs="*", type=int, default=None)
     ap.add_argument("--skip-xla", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="time each kernel alone")
+    ap.add_argument("--breakdown-shapes", nargs="*", type=int, default=None,
+                    help="indices into --shapes (default: all)")
     ap.add_argument("--config", default="{}", help="JSON Config fields for the main runs")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--variants", nargs="*", default=[
-        '{"block_v": 32}', '{"block_v": 64, "num_warps": 8}', '{"precision": "bf16"}',
-        '{"block_v": 32, "num_warps": 8, "bwd_num_warps": 8}'])
+        '{"block_v": 64}', '{"num_warps": 4}', '{"par_num_warps": 4}',
+        '{"block_v": 16, "num_warps": 4}'])
     ap.add_argument("--sweep-shapes", nargs="*", type=int, default=[0, 2])
     args = ap.parse_args()
     gd_api.set_default_config(dataclasses.replace(gd_api.get_default_config(),
@@ -231,7 +247,7 @@ def main():
                     traceback.print_exc()
 
     if args.breakdown:
-        for i in args.sweep_shapes:
+        for i in (range(len(shapes)) if args.breakdown_shapes is None else args.breakdown_shapes):
             if i >= len(shapes):
                 continue
             name = ",".join(map(str, shapes[i]))

@@ -188,6 +188,22 @@ def test_xla_backward_config_matches():
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
 
 
+def test_bf16_stored_intermediates(monkeypatch):
+    """The GPU default stores q, k, v, dO, W, h, v_new, dh, du, dW in bfloat16 (they are only
+    bf16 dot operands there).  Force that storage in interpret mode (dots stay float32) and check
+    forward and gradients against the scan at bf16 tolerance, incl. split runs and initial state."""
+    from pallas_kernels.gated_delta import triton_common  # noqa: PLC0415
+    monkeypatch.setattr(triton_common, "operand_dtype", lambda precision, interpret: jnp.bfloat16)
+    case = make_case("split_runs", seed=23)
+    o, final = jrun(case, "pallas")
+    o_ref, final_ref = jrun(case, "scan")
+    assert 1e-6 < rel_err(o, o_ref) < BF16_REL  # (lower bound: the bf16 storage was really used)
+    assert rel_err(final, final_ref) < BF16_REL
+    gp, gs = grads(case, "pallas"), grads(case, "scan")
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < 2 * BF16_REL, n
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_public_api_bf16(varlen):
     """bf16 q/k/v through gated_delta_rule (l2norm in the API) vs the fp32 scan, incl. varlen."""
