@@ -117,11 +117,8 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
                     dinit_ref[col, :] = dinit_ref[col, :] + d
         return tuple(ds0s)
 
-    def body(i, dss):
-        c = hi - 1 - i
-        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, dss)
-
-    jax.lax.fori_loop(0, hi - lo, body, tuple(jnp.zeros((block_k, bv), F32) for _ in kb))
+    tc.walk_segment(seg_ref, s, lo, hi, run_chunk,
+                    tuple(jnp.zeros((block_k, bv), F32) for _ in kb), reverse=True)
 
 
 def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, last, *, chunk,

@@ -65,6 +65,18 @@ def fori_blocks(dim: int, block: int, body, init):
         0, n, lambda j, carry: body(pl.ds(pl.multiple_of(j * block, block), block), carry), init)
 
 
+def walk_segment(seg_ref, s, lo, hi, run_chunk, init, *, reverse: bool = False):
+    """Sequential walk of a segment-walk program: ``carry = run_chunk(c, carry)`` for the chunks
+    c in [lo, hi) whose ``seg_ref[c] == s`` (others are skipped: a segment split into several runs
+    has other segments' chunks in between), in order or (``reverse``) backwards."""
+    def body(i, carry):
+        c = hi - 1 - i if reverse else i
+        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, carry)
+
+    return jax.lax.fori_loop(0, hi - lo, body, init) if reverse else \
+        jax.lax.fori_loop(lo, hi, body, init)
+
+
 def chunk_rows(c, chunk: int):
     """The rows of chunk ``c`` (traced int) in a whole-sequence ref."""
     return pl.ds(pl.multiple_of(c * chunk, chunk), chunk)

@@ -156,10 +156,7 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
 
         return tuple(new_states)
 
-    def body(c, states):
-        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, states)
-
-    final = jax.lax.fori_loop(lo_ref[p], hi, body, load_init())
+    final = tc.walk_segment(seg_ref, s, lo_ref[p], hi, run_chunk, load_init())
     for col, s_b in zip(kb, final):
         final_ref[col, :] = s_b
 
