@@ -49,6 +49,9 @@ class Config:
     bwd: "pallas" (Triton: a sequential dS walk, then two chunk-parallel gradient kernels) or
       "xla" (VJP of the chunked XLA form).  Mosaic always uses "xla".
     bwd_block_v: value block of the backward dS walk (None: block_v).
+    bwd_num_stages: software-pipelining stages of the backward dS walk (None: num_stages, or 1
+      where two stages of its q/k/W chunk tiles would need more than ~160 KB of shared memory,
+      i.e. dk = 256 with bf16 operands: the ptxas proxy put that at 217 KB of the 227 KB).
     """
     backend: str = "auto"
     precision: str = "bf16"
@@ -61,6 +64,7 @@ class Config:
     par_block_v: int = 64
     bwd: str = "pallas"
     bwd_block_v: int | None = None
+    bwd_num_stages: int | None = None
 
     def __post_init__(self):
         if self.bwd not in ("pallas", "xla"):

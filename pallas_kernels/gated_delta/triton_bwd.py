@@ -97,32 +97,39 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
                 dh_ref[c, col, :] = jnp.zeros((block_k, bv), dh_ref.dtype)
             return tuple(jnp.zeros((block_k, bv), F32) for _ in kb)
 
+        mine = seg_ref[c] == s
         dss = jax.lax.cond(c == hi - 1, at_end,
-                           lambda: jax.lax.cond(last_ref[c] != 0, at_run_end, lambda: dss))
+                           lambda: jax.lax.cond(mine & (last_ref[c] != 0), at_run_end,
+                                                lambda: dss))
         rows = tc.chunk_rows(c, chunk)
         gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
         du, ds0s = state_grad_step(tc.tiles(q_ref, rows, kb), tc.tiles(k_ref, rows, kb),
                                    tc.tiles(w_ref, rows, kb), do_ref[rows, :], dvl_ref[rows, :],
                                    gates, list(dss), precision)
-        du_ref[rows, :] = du.astype(du_ref.dtype)
-        @pl.when(first_ref[c] == 0)
+
+        @pl.when(mine)
+        def _():
+            du_ref[rows, :] = du.astype(du_ref.dtype)
+
+        @pl.when(mine & (first_ref[c] == 0))
         def _():
             for col, d in zip(kb, ds0s):
                 dh_ref[c - 1, col, :] = d.astype(dh_ref.dtype)
 
         if dinit_ref is not None:
-            @pl.when(first_ref[c] != 0)
+            @pl.when(mine & (first_ref[c] != 0))
             def _():
                 for col, d in zip(kb, ds0s):
                     dinit_ref[col, :] = dinit_ref[col, :] + d
-        return tuple(ds0s)
+        return tuple(jnp.where(mine, n, o) for n, o in zip(ds0s, dss))
 
-    tc.walk_segment(seg_ref, s, lo, hi, run_chunk,
-                    tuple(jnp.zeros((block_k, bv), F32) for _ in kb), reverse=True)
+    tc.walk_segment(lo, hi, run_chunk, tuple(jnp.zeros((block_k, bv), F32) for _ in kb),
+                    reverse=True)
 
 
 def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, last, *, chunk,
-                    num_segments, block_v, has_init, precision, interpret, num_warps, block_k):
+                    num_segments, block_v, has_init, precision, interpret, num_warps, block_k,
+                    num_stages=2):
     """q, k, w [B, L, H, dk]; gcum_t [B, H, L]; do, dv_local [B, L, H, dv];
     dfinal [B, S, H, dk, dv] float32;
     lo, hi [B*S]; seg, first, last [B, Nc].  Returns (dh [B, H, Nc, dk, dv] (cotangent of the state
@@ -154,7 +161,7 @@ def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, l
                           block_k=min(block_k, dk), precision=resolve_precision(precision, interpret)),
         out_shape=tuple(out_shape), grid=(b * s, hh, dv // block_v), in_specs=in_specs,
         out_specs=tuple(out_specs), input_output_aliases=aliases,
-        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        compiler_params=tc.triton_params(num_warps, num_stages), interpret=interpret,
         name="gdn_bwd_state_walk",
     )(*args)
     return outs[0], outs[1], (outs[2] if has_init else None)
@@ -372,6 +379,16 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
 # Driver
 # ------------------------------------------------------------------------------------------------
 
+def _bwd_walk_stages(config, chunk: int, dk: int, itemsize: int) -> int:
+    """Pipelining stages of the dS walk: ``config.bwd_num_stages`` if set, else
+    ``config.num_stages`` unless its buffered q/k/W chunk tiles would exceed ~160 KB of shared
+    memory (then 1)."""
+    if config.bwd_num_stages is not None:
+        return config.bwd_num_stages
+    per_stage = 3 * chunk * dk * itemsize
+    return config.num_stages if per_stage * config.num_stages <= 160 * 1024 else 1
+
+
 def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     """Gradients (dq, dk, dv, dg, dbeta, dinit) for ``api._gated_delta_core`` from its residuals."""
     from mom_jax.ops.common import PackedLayout  # noqa: PLC0415
@@ -396,7 +413,8 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dvl = dv_local(qp, kp, gcum_t, do_p, seg, **par, **common)
     dh, du, dinit = state_grad_walk(
         qp, kp, w, gcum_t, do_p, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
-        block_v=block_v, has_init=has_init, num_warps=config.num_warps, **common)
+        block_v=block_v, has_init=has_init, num_warps=config.num_warps,
+        num_stages=_bwd_walk_stages(config, chunk, dkp, qp.dtype.itemsize), **common)
     dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par, **common)
     dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
                                     **common)

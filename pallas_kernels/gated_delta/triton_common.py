@@ -65,16 +65,17 @@ def fori_blocks(dim: int, block: int, body, init):
         0, n, lambda j, carry: body(pl.ds(pl.multiple_of(j * block, block), block), carry), init)
 
 
-def walk_segment(seg_ref, s, lo, hi, run_chunk, init, *, reverse: bool = False):
-    """Sequential walk of a segment-walk program: ``carry = run_chunk(c, carry)`` for the chunks
-    c in [lo, hi) whose ``seg_ref[c] == s`` (others are skipped: a segment split into several runs
-    has other segments' chunks in between), in order or (``reverse``) backwards."""
-    def body(i, carry):
-        c = hi - 1 - i if reverse else i
-        return jax.lax.cond(seg_ref[c] == s, run_chunk, lambda c, st: st, c, carry)
+def walk_segment(lo, hi, run_chunk, init, *, reverse: bool = False):
+    """Sequential walk of a segment-walk program: ``carry = run_chunk(c, carry)`` for every chunk c
+    in [lo, hi), in order or (``reverse``) backwards.
 
-    return jax.lax.fori_loop(0, hi - lo, body, init) if reverse else \
-        jax.lax.fori_loop(lo, hi, body, init)
+    The body must itself ignore chunks of other segments (only a segment split into several runs
+    has any in its range): compute anyway, keep the carry with ``jnp.where`` and guard the stores
+    with ``pl.when``.  A branch-free body (no ``lax.cond`` around the loads) lets Triton pipeline
+    the next chunk's loads (``num_stages`` > 1) behind the current chunk's dots."""
+    if reverse:
+        return jax.lax.fori_loop(0, hi - lo, lambda i, carry: run_chunk(hi - 1 - i, carry), init)
+    return jax.lax.fori_loop(lo, hi, run_chunk, init)
 
 
 def chunk_rows(c, chunk: int):

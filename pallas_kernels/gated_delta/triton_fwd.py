@@ -142,21 +142,25 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
                 h_ref[c, col, :] = s_b.astype(h_ref.dtype)
             return init
 
-        states = jax.lax.cond(first_ref[c] != 0, start, lambda: states)
+        mine = seg_ref[c] == s
+        states = jax.lax.cond(mine & (first_ref[c] != 0), start, lambda: states)
         rows = tc.chunk_rows(c, chunk)
         gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
         v_new, new_states = state_step(tc.tiles(k_ref, rows, kb), tc.tiles(w_ref, rows, kb),
                                        u_ref[rows, :], gates, states, precision)
-        vnew_ref[rows, :] = v_new.astype(vnew_ref.dtype)
 
-        @pl.when((c + 1 < hi) & (first_ref[jnp.minimum(c + 1, nc - 1)] == 0))
+        @pl.when(mine)
+        def _():
+            vnew_ref[rows, :] = v_new.astype(vnew_ref.dtype)
+
+        @pl.when(mine & (c + 1 < hi) & (first_ref[jnp.minimum(c + 1, nc - 1)] == 0))
         def _():
             for col, s_b in zip(kb, new_states):
                 h_ref[c + 1, col, :] = s_b.astype(h_ref.dtype)
 
-        return tuple(new_states)
+        return tuple(jnp.where(mine, n, o) for n, o in zip(new_states, states))
 
-    final = tc.walk_segment(seg_ref, s, lo_ref[p], hi, run_chunk, load_init())
+    final = tc.walk_segment(lo_ref[p], hi, run_chunk, load_init())
     for col, s_b in zip(kb, final):
         final_ref[col, :] = s_b
 
