@@ -180,6 +180,18 @@ def test_several_key_and_value_tiles():
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
 
 
+def test_default_blocks_at_dk128():
+    """The default block sizes at dk = dv = 128: two 64-wide key tiles, four 32-wide walk
+    programs per head, two 64-wide value blocks in the chunk-parallel kernels; a split segment."""
+    case = make_case("split_runs", dk=128, dv=128, h=1, seed=29)
+    o, final = jrun(case, "pallas")
+    o_ref, final_ref = jrun(case, "scan")
+    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
+    gp, gs = grads(case, "pallas"), grads(case, "scan")
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+
+
 def test_xla_backward_config_matches():
     case = make_case("packed", seed=7)
     gp = grads(case, "pallas", gd_api.Config(bwd="xla"))
