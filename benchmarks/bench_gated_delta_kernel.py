@@ -2,7 +2,7 @@
 
 Usage (GPU machine):
   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gated_delta_kernel.py --out DIR
-      [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--sweep] [--budget-s 300]
+      [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--breakdown] [--sweep] [--budget-s 300]
 
 What it does, in one process:
   1. correctness at every shape: Pallas output (bf16 q/k/v, the timed path) against the float32
@@ -11,7 +11,10 @@ What it does, in one process:
   2. timing: jit once, 3 warm-up calls, then --repeats calls each ended by jax.block_until_ready;
      median (min, max) in ms, Pallas and XLA side by side, fwd and fwd+bwd (value_and_grad of
      sum(o * r), r random, w.r.t. q, k, v, g, beta);
-  3. --sweep: kernel configurations (--variants, JSON Config fields) at --sweep-shapes (indices).
+  3. --breakdown: every Pallas kernel timed alone (forward: UT transform, state walk, outputs;
+     backward: P^T dO, dS walk, dq/dk/dW, WY part) at --breakdown-shapes (default: all);
+  4. --sweep: kernel configurations (--variants, JSON Config fields) at --sweep-shapes (indices),
+     until --budget-s seconds since the start have passed.
 Inputs are random (never zeros): q, k, v ~ N(0,1) in bf16, g = log_sigmoid(N(0,1)*1.5 + 2.5) (fp32),
 beta = sigmoid(N(0,1)).  The API L2-normalises q, k and scales q by dk**-0.5 for both impls.
 Results: DIR/bench_gated_delta_kernel.json and .md (written after every measurement).
@@ -177,6 +180,13 @@ class Results:
         for r in self.data["correctness"]:
             lines.append(f"| {r['shape']} | {r.get('o_rel_vs_scan', '-')} | {r.get('grad_rel', '-')} | "
                          f"{r.get('nan', '-')} |")
+        if self.data["breakdown"]:
+            keys = [k_ for k_ in self.data["breakdown"][0] if k_.endswith("_ms")]
+            lines += ["", "| B,T,H,dk,dv | " + " | ".join(k_[:-3] for k_ in keys) + " |",
+                      "| --- |" + " --- |" * len(keys)]
+            for r in self.data["breakdown"]:
+                lines.append(f"| {r['shape']} | " + " | ".join(f"{r.get(k_, '-')}" for k_ in keys)
+                             + " |")
         if self.data["sweep"]:
             lines += ["", "| config | shape | fwd ms | fwd+bwd ms |", "| --- | --- | --- | --- |"]
             for r in self.data["sweep"]:

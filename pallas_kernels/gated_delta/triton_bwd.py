@@ -28,7 +28,7 @@ XLA then adds the dG shares and turns dG into dg by a reverse cumsum inside each
 
 At a chunk that ends the segment's last run dS = d(final state); at the end of an earlier run (only
 for a segment split into several runs) dS = 0; at a chunk that starts a run, dS0 is added to
-d(initial state).  Kernels 2 and 3 write zeros on chunks of no segment.
+d(initial state).  Kernels 0, 2 and 3 write zeros on chunks of no segment.
 """
 from __future__ import annotations
 
