@@ -96,6 +96,7 @@ def breakdown(shape, config, repeats):
     lo, hi, seg, first = cm.segment_ranges(layout)
     last = layout.chunk_last().astype(jnp.int32)
     bv = min(dv, config.block_v or 32)
+    bvb = min(dv, config.bwd_block_v or config.block_v or 32)
     pbv = min(dv, config.par_block_v)
     bk = min(dk, config.block_k)
     prec = dict(precision=config.precision, interpret=interp)
@@ -116,12 +117,16 @@ def breakdown(shape, config, repeats):
         kp, w, u, gcum_t)
     timed("chunk_output", lambda *a: triton_fwd.chunk_output(*a, seg, **par),
           qp, kp, gcum_t, hs, v_new)
-    dvl = timed("bwd_dv_local", lambda *a: triton_bwd.dv_local(*a, seg, **par),
-                qp, kp, gcum_t, do)
+    dvl, qdo = timed("bwd_dv_local", lambda *a: triton_bwd.dv_local(
+        *a, seg, with_qdo=config.bwd_qdo, **par), qp, kp, gcum_t, do)
     dfinal = jax.random.normal(jax.random.PRNGKey(3), (b, 1, h, dk, dv), jnp.float32)
-    dh, du, _ = timed("bwd_state_walk", lambda *a: triton_bwd.state_grad_walk(
-        *a, lo, hi, seg, first, last, chunk=chunk, num_segments=1, block_v=bv, has_init=False,
-        num_warps=config.num_warps, block_k=bk, **prec), qp, kp, w, gcum_t, do, dvl, dfinal)
+    stages = triton_bwd._bwd_walk_stages(config, chunk, dk, bvb, jnp.dtype(op).itemsize)
+    walk_in = (qdo,) if config.bwd_qdo else (qp, do)
+    dh, du, _ = timed("bwd_state_walk", lambda kk, ww, gg, dd, df, *qa: triton_bwd.state_grad_walk(
+        kk, ww, gg, dd, df, lo, hi, seg, first, last, chunk=chunk, num_segments=1, block_v=bvb,
+        has_init=False, num_warps=config.num_warps, block_k=bk, num_stages=stages,
+        **(dict(qdo=qa[0]) if config.bwd_qdo else dict(q=qa[0], do=qa[1])), **prec),
+        kp, w, gcum_t, dvl, dfinal, *walk_in)
     _, dkd, dw, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **par),
                           qp, kp, gcum_t, hs, dh, v_new, do, du)
     timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(*a, seg, **par),
@@ -211,8 +216,8 @@ def main():
     ap.add_argument("--config", default="{}", help="JSON Config fields for the main runs")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--variants", nargs="*", default=[
-        '{"block_v": 64}', '{"num_warps": 4}', '{"par_num_warps": 4}',
-        '{"block_v": 16, "num_warps": 4}'])
+        '{"bwd_qdo": false}', '{"bwd_num_stages": 1}', '{"block_v": 64}',
+        '{"block_v": 16, "num_warps": 4}', '{"par_num_warps": 4}'])
     ap.add_argument("--sweep-shapes", nargs="*", type=int, default=[0, 2])
     args = ap.parse_args()
     gd_api.set_default_config(dataclasses.replace(gd_api.get_default_config(),

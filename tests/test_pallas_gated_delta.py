@@ -192,9 +192,12 @@ def test_default_blocks_at_dk128():
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
 
 
-def test_xla_backward_config_matches():
-    case = make_case("packed", seed=7)
-    gp = grads(case, "pallas", gd_api.Config(bwd="xla"))
+@pytest.mark.parametrize("name,config", [("packed", gd_api.Config(bwd="xla")),
+                                         ("split_runs", gd_api.Config(bwd_qdo=False))])
+def test_other_backward_configs_match(name, config):
+    """The XLA backward, and the dS walk that computes Q^T e^G dO itself (bwd_qdo=False)."""
+    case = make_case(name, seed=7)
+    gp = grads(case, "pallas", config)
     gs = grads(case, "scan")
     for n in gs:
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n

@@ -52,6 +52,8 @@ class Config:
     bwd_num_stages: software-pipelining stages of the backward dS walk (None: num_stages, or 1
       where two stages of its q/k/W chunk tiles would need more than ~160 KB of shared memory,
       i.e. dk = 256 with bf16 operands: the ptxas proxy put that at 217 KB of the 227 KB).
+    bwd_qdo: precompute Q^T diag(e^G) dO per chunk ([B, H, Nc, dk, dv]) in the chunk-parallel
+      P^T dO kernel, so that the dS walk loads neither q nor dO and runs 4 fewer dots per step.
     """
     backend: str = "auto"
     precision: str = "bf16"
@@ -65,6 +67,7 @@ class Config:
     bwd: str = "pallas"
     bwd_block_v: int | None = None
     bwd_num_stages: int | None = None
+    bwd_qdo: bool = True
 
     def __post_init__(self):
         if self.bwd not in ("pallas", "xla"):

@@ -49,32 +49,35 @@ resolve_precision = tc.resolve_precision
 # Kernel 1: sequential reverse walk for the state cotangents
 # ------------------------------------------------------------------------------------------------
 
-def state_grad_step(qs, ks, ws, do, dv_local, gates: tc.Gates, dss, precision):
+def state_grad_step(ks, ws, dv_local, gates: tc.Gates, dss, precision, *, qs=None, do=None,
+                    qdos=None):
     """Cotangents through one chunk, the key dimension split into blocks.
 
-    qs, ks, ws: lists of [C, BK] tiles of Q, K, W; do: [C, BV]; dv_local: [C, BV] P^T dO (from
-    ``dv_local``); dss: list of [BK, BV] float32 tiles of dS.  Returns (du [C, BV] float32, dS0
-    tiles)."""
+    ks, ws: lists of [C, BK] tiles of K, W; dv_local: [C, BV] P^T dO (from ``dv_local``); dss:
+    list of [BK, BV] float32 tiles of dS; either qs ([C, BK] tiles of Q) and do ([C, BV]), or
+    qdos: the [BK, BV] tiles of Q^T diag(e^G) dO precomputed by ``dv_local``.
+    Returns (du [C, BV] float32, dS0 tiles)."""
     mm = functools.partial(cm.mm, precision=precision)
     kds = None
     for k_b, ds_b in zip(ks, dss):
         part = mm(k_b, ds_b)
         kds = part if kds is None else kds + part
     du = gates.ekd[:, None] * kds + dv_local
-    doe = do * gates.eg[:, None]
-    ds0s = [mm(q_b, doe, ta=True) + gates.egl * ds_b - mm(w_b, du, ta=True)
-            for q_b, w_b, ds_b in zip(qs, ws, dss)]
+    if qdos is None:
+        doe = do * gates.eg[:, None]
+        qdos = [mm(q_b, doe, ta=True) for q_b in qs]
+    ds0s = [qd + gates.egl * ds_b - mm(w_b, du, ta=True) for qd, w_b, ds_b in zip(qdos, ws, dss)]
     return du, ds0s
 
 
-def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
+def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precision):
     refs = list(refs)
     dinit_ref = refs.pop() if has_init else None
     du_ref, dh_ref = refs.pop(), refs.pop()
     if has_init:
         refs.pop()  # zeros aliased to dinit
-    (lo_ref, hi_ref, seg_ref, last_ref, first_ref, q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref,
-     dfinal_ref) = refs
+    (lo_ref, hi_ref, seg_ref, last_ref, first_ref, k_ref, w_ref, g_ref, dvl_ref, dfinal_ref,
+     *q_or_qdo) = refs
     p_id = pl.program_id(0)
     s = p_id % num_segments
     lo, hi = lo_ref[p_id], hi_ref[p_id]
@@ -103,9 +106,14 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
                                                 lambda: dss))
         rows = tc.chunk_rows(c, chunk)
         gates = tc.Gates.load(g_ref, rows, c * chunk + chunk - 1)
-        du, ds0s = state_grad_step(tc.tiles(q_ref, rows, kb), tc.tiles(k_ref, rows, kb),
-                                   tc.tiles(w_ref, rows, kb), do_ref[rows, :], dvl_ref[rows, :],
-                                   gates, list(dss), precision)
+        if with_qdo:
+            (qdo_ref,) = q_or_qdo
+            extra = dict(qdos=[qdo_ref[c, col, :] for col in kb])
+        else:
+            q_ref, do_ref = q_or_qdo
+            extra = dict(qs=tc.tiles(q_ref, rows, kb), do=do_ref[rows, :])
+        du, ds0s = state_grad_step(tc.tiles(k_ref, rows, kb), tc.tiles(w_ref, rows, kb),
+                                   dvl_ref[rows, :], gates, list(dss), precision, **extra)
 
         @pl.when(mine)
         def _():
@@ -127,24 +135,29 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
                     reverse=True)
 
 
-def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, last, *, chunk,
-                    num_segments, block_v, has_init, precision, interpret, num_warps, block_k,
-                    num_stages=2):
-    """q, k, w [B, L, H, dk]; gcum_t [B, H, L]; do, dv_local [B, L, H, dv];
-    dfinal [B, S, H, dk, dv] float32;
-    lo, hi [B*S]; seg, first, last [B, Nc].  Returns (dh [B, H, Nc, dk, dv] (cotangent of the state
-    after each visited chunk), du [B, L, H, dv] (cotangent of v_new), both in
-    ``tc.operand_dtype(precision)`` and undefined on unvisited chunks, d(initial state)
-    [B, S, H, dk, dv] float32 or None)."""
-    b, l, hh, dk = q.shape
-    dv = do.shape[-1]
+def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *, q=None, do=None,
+                    qdo=None, chunk, num_segments, block_v, has_init, precision, interpret,
+                    num_warps, block_k, num_stages=2):
+    """k, w [B, L, H, dk]; gcum_t [B, H, L]; dv_local [B, L, H, dv]; dfinal [B, S, H, dk, dv]
+    float32; lo, hi [B*S]; seg, first, last [B, Nc]; either q [B, L, H, dk] and do [B, L, H, dv],
+    or qdo [B, H, Nc, dk, dv] (Q^T diag(e^G) dO per chunk, from ``dv_local``).
+    Returns (dh [B, H, Nc, dk, dv] (cotangent of the state after each visited chunk),
+    du [B, L, H, dv] (cotangent of v_new), both in ``tc.operand_dtype(precision)`` and undefined
+    on unvisited chunks, d(initial state) [B, S, H, dk, dv] float32 or None)."""
+    b, l, hh, dk = k.shape
+    dv = dv_local.shape[-1]
     s = num_segments
     nc = l // chunk
     sp = tc.WalkSpecs(b, s, l, chunk)
     in_specs = [sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.flags(), sp.seq(dk),
-                sp.seq(dk), sp.seq(dk), sp.gate(), sp.seq_v(block_v), sp.seq_v(block_v),
-                sp.segment_state(dk, block_v)]
-    args = [lo, hi, seg, last, first, q, k, w, gcum_t, do, dv_local, dfinal]
+                sp.seq(dk), sp.gate(), sp.seq_v(block_v), sp.segment_state(dk, block_v)]
+    args = [lo, hi, seg, last, first, k, w, gcum_t, dv_local, dfinal]
+    if qdo is not None:
+        in_specs.append(sp.per_chunk_states(dk, block_v))
+        args.append(qdo)
+    else:
+        in_specs += [sp.seq(dk), sp.seq_v(block_v)]
+        args += [q, do]
     op_dtype = tc.operand_dtype(precision, interpret)
     out_shape = [jax.ShapeDtypeStruct((b, hh, nc, dk, dv), op_dtype),
                  jax.ShapeDtypeStruct((b, l, hh, dv), op_dtype)]
@@ -158,7 +171,7 @@ def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, l
         out_specs.append(sp.segment_state(dk, block_v))
     outs = pl.pallas_call(
         functools.partial(_walk_kernel, chunk=chunk, num_segments=s, has_init=has_init,
-                          block_k=min(block_k, dk), precision=resolve_precision(precision, interpret)),
+                          with_qdo=qdo is not None, block_k=min(block_k, dk), precision=resolve_precision(precision, interpret)),
         out_shape=tuple(out_shape), grid=(b * s, hh, dv // block_v), in_specs=in_specs,
         out_specs=tuple(out_specs), input_output_aliases=aliases,
         compiler_params=tc.triton_params(num_warps, num_stages), interpret=interpret,
@@ -171,10 +184,11 @@ def state_grad_walk(q, k, w, gcum_t, do, dv_local, dfinal, lo, hi, seg, first, l
 # Kernel 0 (before the walk): the intra-chunk part of du, chunk-parallel
 # ------------------------------------------------------------------------------------------------
 
-def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *, block_k, block_v,
+def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *qdo_ref, block_k, block_v,
                      precision):
     c = pl.program_id(0) % seg_ref.shape[0]
     chunk, dk = q_ref.shape
+    qdo_ref = qdo_ref[0] if qdo_ref else None
 
     @pl.when(seg_ref[c] < 0)
     def _():
@@ -185,32 +199,51 @@ def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *, block_k, 
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
         kb = tc.blocks(dk, block_k)
+        gates = tc.Gates.load(g_ref, rows, chunk - 1)
+        qs = tc.tiles(q_ref, rows, kb)
         p = None
-        for q_b, k_b in zip(tc.tiles(q_ref, rows, kb), tc.tiles(k_ref, rows, kb)):
+        for q_b, k_b in zip(qs, tc.tiles(k_ref, rows, kb)):
             part = mm(q_b, k_b, tb=True)
             p = part if p is None else p + part
-        p = p * tc.Gates.load(g_ref, rows, chunk - 1).causal()
+        p = p * gates.causal()
+
         def value_block(vcol, carry):
-            dvl_ref[:, vcol] = mm(p, do_ref[:, vcol], ta=True).astype(dvl_ref.dtype)
+            do_j = do_ref[:, vcol]
+            dvl_ref[:, vcol] = mm(p, do_j, ta=True).astype(dvl_ref.dtype)
+            if qdo_ref is not None:
+                doe = do_j * gates.eg[:, None]
+                for q_b, kcol in zip(qs, kb):
+                    qdo_ref[kcol, vcol] = mm(q_b, doe, ta=True).astype(qdo_ref.dtype)
             return carry
 
         tc.fori_blocks(do_ref.shape[1], block_v, value_block, 0)
 
 
-def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, block_k, block_v):
+def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, block_k, block_v,
+             with_qdo: bool = False):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; do [B, L, H, dv]; seg [B, Nc] ->
-    P^T dO [B, L, H, dv] float32 with P = (Q K^T) * D per chunk (zero on chunks of no segment)."""
+    P^T dO [B, L, H, dv] float32 with P = (Q K^T) * D per chunk (zero on chunks of no segment),
+    and with ``with_qdo`` also Q^T diag(e^G) dO per chunk, [B, H, Nc, dk, dv] in
+    ``tc.operand_dtype(precision)`` (undefined on chunks of no segment; else None)."""
     b, l, hh, dk = q.shape
     dv = do.shape[-1]
     sp = tc.ChunkSpecs(b, l, chunk)
-    return pl.pallas_call(
+    out_shape = [jax.ShapeDtypeStruct((b, l, hh, dv), F32)]
+    out_specs = [sp.tok(dv)]
+    if with_qdo:
+        out_shape.append(jax.ShapeDtypeStruct((b, hh, l // chunk, dk, dv),
+                                              tc.operand_dtype(precision, interpret)))
+        out_specs.append(sp.state(dk, dv))
+    outs = pl.pallas_call(
         functools.partial(_dv_local_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
                           precision=resolve_precision(precision, interpret)),
-        out_shape=jax.ShapeDtypeStruct((b, l, hh, dv), F32), grid=(b * (l // chunk), hh),
-        in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.tok(dv)], out_specs=sp.tok(dv),
+        out_shape=tuple(out_shape), grid=(b * (l // chunk), hh),
+        in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.tok(dv)],
+        out_specs=tuple(out_specs),
         compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
         name="gdn_bwd_dv_local",
     )(seg, q, k, gcum_t, do)
+    return outs[0], (outs[1] if with_qdo else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,13 +412,13 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
 # Driver
 # ------------------------------------------------------------------------------------------------
 
-def _bwd_walk_stages(config, chunk: int, dk: int, itemsize: int) -> int:
+def _bwd_walk_stages(config, chunk: int, dk: int, block_v: int, itemsize: int) -> int:
     """Pipelining stages of the dS walk: ``config.bwd_num_stages`` if set, else
-    ``config.num_stages`` unless its buffered q/k/W chunk tiles would exceed ~160 KB of shared
-    memory (then 1)."""
+    ``config.num_stages`` unless its buffered chunk tiles (k, W and q, or k, W and the [dk, BV]
+    Q^T e^G dO tile) would exceed ~160 KB of shared memory (then 1)."""
     if config.bwd_num_stages is not None:
         return config.bwd_num_stages
-    per_stage = 3 * chunk * dk * itemsize
+    per_stage = (2 * chunk * dk + dk * block_v if config.bwd_qdo else 3 * chunk * dk) * itemsize
     return config.num_stages if per_stage * config.num_stages <= 160 * 1024 else 1
 
 
@@ -410,11 +443,13 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
         dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
     common = dict(chunk=chunk, precision=config.precision, interpret=interpret, block_k=block_k)
     par = dict(num_warps=config.par_num_warps, block_v=par_block_v)
-    dvl = dv_local(qp, kp, gcum_t, do_p, seg, **par, **common)
+    dvl, qdo = dv_local(qp, kp, gcum_t, do_p, seg, with_qdo=config.bwd_qdo, **par, **common)
+    walk_in = dict(qdo=qdo) if config.bwd_qdo else dict(q=qp, do=do_p)
     dh, du, dinit = state_grad_walk(
-        qp, kp, w, gcum_t, do_p, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
+        kp, w, gcum_t, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
         block_v=block_v, has_init=has_init, num_warps=config.num_warps,
-        num_stages=_bwd_walk_stages(config, chunk, dkp, qp.dtype.itemsize), **common)
+        num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize), **walk_in,
+        **common)
     dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par, **common)
     dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
                                     **common)
