@@ -4,9 +4,8 @@ Forward per chunk (``triton_fwd``; S0 = h the state at the chunk start, Kb = dia
 Vb = diag(b) V, W = T Kb, U = T Vb, P = (Q K^T) * D, Kd = diag(e^{G_C - G}) K):
   v_new = U - W S0,  O = diag(e^G) Q S0 + P v_new,  S_C = e^{G_C} S0 + Kd^T v_new.
 Backward, with dS the cotangent of the state after the chunk, in four launches:
-
-  0. ``dv_local`` (chunk-parallel): P^T dO, the intra-chunk part of du (kept out of the walk).
-
+  0. ``dv_local`` (chunk-parallel): P^T dO, the intra-chunk part of du, and (``Config.bwd_qdo``)
+     Q^T diag(e^G) dO per chunk: both independent of dS, so kept out of the walk.
   1. ``state_grad_walk`` (sequential, grid (B*S, H, dv/BV)): walks each segment's chunks backwards
      carrying dS ([dk, BV] float32 tiles), stores dh = dS and
        du   = P^T dO + Kd dS                             (cotangent of v_new, i.e. of U)
@@ -21,7 +20,8 @@ Backward, with dS the cotangent of the state after the chunk, in four launches:
        sum K*diag(e^{G_C-G}) v_new dh^T + e^{G_C} sum dh*h.
   3. ``wy_bwd`` (chunk-parallel, grid (B*Nc, H)): the UT/WY part.  dT = dW Kb^T + du Vb^T,
      dA = -T^T dT T^T (strictly lower), dKb = T^T dW, dVb = T^T du, dV = diag(b) dVb,
-     dK = dK_direct + diag(b e^G) dKb + dA' K + dA'^T K  (dA' = diag(b) (E * dA), E_ij = e^{G_i-G_j}),
+     dK = dK_direct + diag(b e^G) dKb + dA' K + dA'^T K
+          (dA' = diag(b) (E * dA), E_ij = e^{G_i - G_j}),
      dbeta = sum_d dVb*V + e^G sum_d dKb*K + rowsum(E*dA*KK^T),
      dG += sum_d dKb*Kb + rowsum(dA*A) - colsum(dA*A).
 XLA then adds the dG shares and turns dG into dg by a reverse cumsum inside each chunk.
@@ -171,7 +171,8 @@ def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *,
         out_specs.append(sp.segment_state(dk, block_v))
     outs = pl.pallas_call(
         functools.partial(_walk_kernel, chunk=chunk, num_segments=s, has_init=has_init,
-                          with_qdo=qdo is not None, block_k=min(block_k, dk), precision=resolve_precision(precision, interpret)),
+                          with_qdo=qdo is not None, block_k=min(block_k, dk),
+                          precision=resolve_precision(precision, interpret)),
         out_shape=tuple(out_shape), grid=(b * s, hh, dv // block_v), in_specs=in_specs,
         out_specs=tuple(out_specs), input_output_aliases=aliases,
         compiler_params=tc.triton_params(num_warps, num_stages), interpret=interpret,

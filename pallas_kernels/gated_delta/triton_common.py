@@ -101,7 +101,7 @@ class Gates:
 
     @classmethod
     def load(cls, g_ref, rows, last) -> "Gates":
-        """g_ref: a [L] (or [C]) float32 ref; rows: the chunk's rows; last: index of its last row."""
+        """g_ref: a [L] (or [C]) float32 ref; rows: the chunk's rows; last: its last row's index."""
         gcum = g_ref[rows]
         gl = g_ref[last]
         return cls(gcum, gl, jnp.exp(gcum), jnp.exp(gl - gcum), jnp.exp(gl))
@@ -172,13 +172,14 @@ class ChunkSpecs:
         return pl.BlockSpec((None, self.nc), lambda p, i, *j: (p // self.nc, 0))
 
     def tok(self, d: int, blocked: bool = False):
-        """The chunk of a [B, L, H, d] sequence: [C, d] (blocked: [C, d] block j of the last dim)."""
+        """The chunk of a [B, L, H, d] sequence: [C, d] (blocked: block j of the last dim)."""
         return pl.BlockSpec((None, self.chunk, None, d),
                             lambda p, i, *j: (*self._rc(p), i, j[0] if blocked else 0))
 
     def gate(self):
         """The chunk of a [B, H, L] gate: [C]."""
-        return pl.BlockSpec((None, None, self.chunk), lambda p, i, *j: (p // self.nc, i, p % self.nc))
+        return pl.BlockSpec((None, None, self.chunk),
+                            lambda p, i, *j: (p // self.nc, i, p % self.nc))
 
     def gate_part(self):
         """Block j's share of a [n, B, H, L] gate-shaped sum: [C]."""
