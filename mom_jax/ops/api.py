@@ -34,6 +34,20 @@ _PALLAS_KERNELS: dict[str, Callable] = {}
 AUTO_PREFERS_PALLAS = False
 
 
+# The fused decode-step kernel: fn(state, slots, q, k, v, beta, decay, *, interpret) -> (state, o),
+# with supported(dk, dv) -> bool.  Registered by ``pallas_kernels`` (Triton: GPU, interpret on CPU).
+_PALLAS_STEP: dict[str, Callable] = {}
+
+# Whether impl="auto" uses the fused step kernel on GPU.  On: measured faster than the XLA step
+# (gather / update / scatter) in the whole-model decode loop (benchmarks/NOTES.md).
+AUTO_STEP_PREFERS_PALLAS = True
+
+
+def register_pallas_step_kernel(fn: Callable, supported: Callable) -> None:
+    """Lets ``pallas_kernels`` plug in the fused one-token step (see ``decode_step``)."""
+    _PALLAS_STEP.update(fn=fn, supported=supported)
+
+
 def register_pallas_kernel(rule: str, fn: Callable) -> None:
     """Lets ``pallas_kernels`` plug a kernel in for ``rule`` (same contract as ``packed_recurrence``)."""
     if rule not in UPDATE_RULES:
@@ -61,6 +75,84 @@ def resolve_impl(impl: str, rule: str) -> str:
         raise NotImplementedError(
             f"impl='pallas' has no kernel for update rule {rule!r} yet; use impl='xla' or 'auto'")
     return impl
+
+
+def resolve_step_impl(impl: str, dk: int, dv: int) -> str:
+    """Implementation of a decode step: "pallas" (the fused Triton kernel; interpret mode on CPU)
+    or "xla" (gather / ``scan.recurrent_step`` / scatter).
+
+    "auto" picks the kernel on GPU when it supports the head dims; "pallas" picks it wherever it
+    runs (GPU, or interpret mode on CPU) and falls back to XLA on TPU (no Mosaic step kernel yet)
+    or for unsupported head dims; "xla" and "scan" use XLA.
+    """
+    common.check_impl(impl)
+    if impl not in ("pallas", "auto"):
+        return "xla"
+    _load_pallas_kernels()
+    if not _PALLAS_STEP or not _PALLAS_STEP["supported"](dk, dv):
+        return "xla"
+    backend = jax.default_backend()
+    if impl == "auto":
+        return "pallas" if AUTO_STEP_PREFERS_PALLAS and backend in ("gpu", "cuda") else "xla"
+    return "pallas" if backend in ("gpu", "cuda", "cpu") else "xla"
+
+
+def decode_step(state, q, k, v, *, slots=None, g=None, gk=None, beta=None, shared_state=None,
+                impl: str = "auto"):
+    """One token through some memories of a decode cache (the step of ``scan.recurrent_step``).
+
+    Args:
+      state: [B, M, H, dk, dv] float32, M memories per row.
+      q, k: [B, J, H, dk] (L2-normalised / scaled as wanted); v: [B, J, H, dv].
+      slots: int [B, Jr] memory updated by each routed input of a row (distinct within a row), or
+        None for Jr == M (memory j gets input j).
+      g: [B, J, H] scalar log-decay, gk: [B, J, H, dk] per-key-channel log-decay (at most one);
+      beta: [B, J, H] for the delta rules (None: additive write).
+      shared_state: [B, H, dk, dv] float32 or None; when given, J = Jr + 1 and the last input of
+        each row updates it (a MoM layer's shared memory, in the same kernel launch).
+      impl: see ``resolve_step_impl``.
+    Returns:
+      (new state [B, M, H, dk, dv] float32, identical to ``state`` in the memories not in
+       ``slots``; new shared state [B, H, dk, dv] or None; o [B, J, H, dv] float32).  With impl
+      "pallas" inside a jit whose buffers can be reused (a donated decode-loop carry), the
+      selected memories are updated in place.
+    """
+    b, m, h, dk, dv = state.shape
+    jr = m if slots is None else slots.shape[1]
+    j = jr + int(shared_state is not None)
+    if q.shape[:3] != (b, j, h) or k.shape != q.shape or v.shape != (b, j, h, dv):
+        raise ValueError(f"decode_step: state {state.shape} needs q, k [{b}, {j}, {h}, {dk}] and "
+                         f"v [{b}, {j}, {h}, {dv}], got q {q.shape}, k {k.shape}, v {v.shape}")
+    if shared_state is not None and tuple(shared_state.shape) != (b, h, dk, dv):
+        raise ValueError(f"decode_step: shared_state must be {[b, h, dk, dv]}, got "
+                         f"{list(shared_state.shape)}")
+    if g is not None and gk is not None:
+        raise ValueError("decode_step: pass at most one of g (per head) and gk (per key channel)")
+    if resolve_step_impl(impl, dk, dv) == "pallas":
+        if slots is None:
+            slots = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+        return _PALLAS_STEP["fn"](state, slots, q, k, v, beta, g if gk is None else gk,
+                                  shared_state, interpret=jax.default_backend() == "cpu")
+
+    def part(x, sl):
+        return None if x is None else x[:, sl]
+
+    routed = slice(0, jr)
+    args = [part(x, routed) for x in (q, k, v)]
+    kw = dict(g=part(g, routed), gk=part(gk, routed), beta=part(beta, routed))
+    if slots is None:
+        new, o = scan.recurrent_step(state, *args, **kw)
+    else:
+        rows = jnp.arange(b)[:, None]
+        sel, o = scan.recurrent_step(state[rows, slots], *args, **kw)
+        new = state.at[rows, slots].set(sel)
+    if shared_state is None:
+        return new, None, o
+    last = slice(jr, jr + 1)
+    shared, o_s = scan.recurrent_step(
+        shared_state[:, None], *[part(x, last) for x in (q, k, v)],
+        g=part(g, last), gk=part(gk, last), beta=part(beta, last))
+    return new, shared[:, 0], jnp.concatenate([o, o_s], axis=1)
 
 
 def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLayout,

@@ -1,0 +1,153 @@
+"""The fused decode step (``mom_jax.ops.decode_step``; Triton kernel in interpret mode on CPU)
+against the token-by-token ``scan.recurrent_step`` on gathered states, and in the layers' ``step``.
+Inputs are random (never zeros)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mom_jax import ops
+from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+from mom_jax.ops.scan import recurrent_step
+from pallas_kernels import decode_step as kernel
+
+RULES = {  # rule -> (uses g, uses gk, uses beta)
+    "gated_delta": (True, False, True), "delta": (False, False, True),
+    "gla": (False, True, False), "linear": (False, False, False)}
+
+
+def _inputs(b=3, m=4, j=2, h=2, dk=32, dv=64, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    state = jax.random.normal(ks[0], (b, m, h, dk, dv))
+    slots = jnp.stack([jax.random.permutation(jax.random.fold_in(ks[7], r), m)[:j]
+                       for r in range(b)]).astype(jnp.int32)
+    q = jax.random.normal(ks[1], (b, j, h, dk)) * dk ** -0.5
+    k = ops.l2norm(jax.random.normal(ks[2], (b, j, h, dk)))
+    v = jax.random.normal(ks[3], (b, j, h, dv)).astype(jnp.bfloat16)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, j, h)))
+    g = -jax.nn.softplus(jax.random.normal(ks[5], (b, j, h)))
+    gk = -jax.nn.softplus(jax.random.normal(ks[6], (b, j, h, dk)))
+    return state, slots, q, k, v, beta, g, gk
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_kernel_matches_gathered_recurrent_step(rule):
+    use_g, use_gk, use_beta = RULES[rule]
+    state, slots, q, k, v, beta, g, gk = _inputs()
+    kw = dict(g=g if use_g else None, gk=gk if use_gk else None, beta=beta if use_beta else None)
+    new, _, o = ops.decode_step(state, q, k, v, slots=slots, impl="pallas", **kw)
+    rows = jnp.arange(state.shape[0])[:, None]
+    ref_s, ref_o = recurrent_step(state[rows, slots], q, k, v, **kw)
+    np.testing.assert_allclose(new[rows, slots], ref_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o, ref_o, rtol=1e-5, atol=1e-5)
+    untouched = ~jnp.zeros(state.shape[:2], bool).at[rows, slots].set(True)
+    assert bool(jnp.all(jnp.where(untouched[..., None, None, None], new == state, True)))
+    assert int(untouched.sum()) == state.shape[0] * (state.shape[1] - slots.shape[1])
+    # the XLA path (gather / update / scatter) agrees
+    new_x, _, o_x = ops.decode_step(state, q, k, v, slots=slots, impl="xla", **kw)
+    np.testing.assert_allclose(new, new_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o, o_x, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_all_memories_without_slots():
+    state, _, q, k, v, beta, g, _ = _inputs(m=2, j=2, dk=16, dv=32, seed=3)
+    new, _, o = ops.decode_step(state, q, k, v, g=g, beta=beta, impl="pallas")
+    ref_s, ref_o = recurrent_step(state, q, k, v, g=g, beta=beta)
+    np.testing.assert_allclose(new, ref_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o, ref_o, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["gated_delta", "gla"])
+def test_kernel_with_shared_memory(rule):
+    """Routed slots plus the shared memory in one launch: the last input of each row."""
+    use_g, use_gk, use_beta = RULES[rule]
+    state, slots, q, k, v, beta, g, gk = _inputs(j=3, seed=5)
+    shared = jax.random.normal(jax.random.PRNGKey(11), (3, 2, 32, 64))
+    slots = slots[:, :2]
+    kw = dict(g=g if use_g else None, gk=gk if use_gk else None, beta=beta if use_beta else None)
+    new, new_shared, o = ops.decode_step(state, q, k, v, slots=slots, shared_state=shared,
+                                         impl="pallas", **kw)
+    rows = jnp.arange(3)[:, None]
+    sub = lambda x, sl: None if x is None else x[:, sl]  # noqa: E731
+    r = slice(0, 2)
+    ref_s, ref_o = recurrent_step(state[rows, slots], q[:, r], k[:, r], v[:, r],
+                                  **{n: sub(x, r) for n, x in kw.items()})
+    ref_sh, ref_osh = recurrent_step(shared, q[:, 2], k[:, 2], v[:, 2],
+                                     **{n: sub(x, 2) for n, x in kw.items()})
+    np.testing.assert_allclose(new, state.at[rows, slots].set(ref_s), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_shared, ref_sh, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o[:, :2], ref_o, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o[:, 2], ref_osh, rtol=1e-5, atol=1e-5)
+    out_x = ops.decode_step(state, q, k, v, slots=slots, shared_state=shared, impl="xla", **kw)
+    for a, b in zip((new, new_shared, o), out_x):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_step_impl():
+    assert ops.resolve_step_impl("auto", 32, 64) == "xla"        # CPU: XLA unless asked
+    assert ops.resolve_step_impl("pallas", 32, 64) == "pallas"   # interpret mode on CPU
+    assert ops.resolve_step_impl("pallas", 24, 64) == "xla"      # Triton needs powers of two
+    assert ops.resolve_step_impl("scan", 32, 64) == "xla"
+    assert not kernel.supported(48, 64) and kernel.supported(256, 256)
+
+
+def test_decode_step_shape_errors():
+    state, slots, q, k, v, beta, g, gk = _inputs()
+    with pytest.raises(ValueError, match="needs q, k"):
+        ops.decode_step(state, q[:, :1], k, v, slots=slots, beta=beta)
+    with pytest.raises(ValueError, match="at most one"):
+        ops.decode_step(state, q, k, v, slots=slots, g=g, gk=gk, beta=beta)
+
+
+def _decode(layer, x, steps):
+    cache = layer.init_cache(x.shape[0], jnp.float32)
+    outs = []
+    for t in range(steps):
+        out = layer.step(x[:, t], cache)
+        outs.append(out[0])
+        cache = out[-1]
+    return jnp.stack(outs, 1), cache
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_mom_layer_step_pallas_equals_xla(shared):
+    """Several decode steps of a MoM layer: the fused kernel path equals the XLA path."""
+    kw = dict(num_heads=2, head_dim=16, num_memories=3, topk=2, shared_memory=shared)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32))
+    layer_p = MoMLayer(32, impl="pallas", rngs=nnx.Rngs(0), **kw)
+    layer_x = MoMLayer(32, impl="xla", rngs=nnx.Rngs(0), **kw)
+    y_p, c_p = _decode(layer_p, x, 5)
+    y_x, c_x = _decode(layer_x, x, 5)
+    np.testing.assert_allclose(y_p, y_x, rtol=2e-5, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(c_p), jax.tree.leaves(c_x)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_gdn_layer_step_pallas_equals_xla():
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 32))
+    y_p, c_p = _decode(GatedDeltaNetLayer(32, num_heads=2, impl="pallas", rngs=nnx.Rngs(0)), x, 4)
+    y_x, c_x = _decode(GatedDeltaNetLayer(32, num_heads=2, impl="xla", rngs=nnx.Rngs(0)), x, 4)
+    np.testing.assert_allclose(y_p, y_x, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(c_p.state, c_x.state, rtol=2e-5, atol=2e-5)
+
+
+def test_step_kernel_lowers_for_cuda():
+    """The step kernel lowers to Triton IR for an H100 without a GPU, with the state aliased."""
+    from jax._src import mesh as mesh_lib  # noqa: PLC0415
+    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                  platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=dev)
+    sds = jax.ShapeDtypeStruct
+    b, m, j, h, dk, dv = 2, 4, 2, 4, 256, 256
+    args = (sds((b, m, h, dk, dv), jnp.float32), sds((b, j), jnp.int32),
+            sds((b, j + 1, h, dk), jnp.bfloat16), sds((b, j + 1, h, dk), jnp.bfloat16),
+            sds((b, j + 1, h, dv), jnp.bfloat16), sds((b, j + 1, h), jnp.float32),
+            sds((b, j + 1, h), jnp.float32), sds((b, h, dk, dv), jnp.float32))
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(kernel.step_in_place, donate_argnums=(0, 7)).trace(*args).lower(
+            lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "output_operand_aliases" in text
