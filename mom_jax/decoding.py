@@ -216,6 +216,7 @@ class Decoder:
     def _advance_impl(self, params, state: DecodeState, stop_tokens, num_steps, *, sampling,
                       pad_id):
         model = self._model(params)
+        weights = model.decode_weights()    # once per block of steps, not per token
 
         def cond(carry):
             i, s = carry
@@ -223,7 +224,7 @@ class Decoder:
 
         def body(carry):
             i, s = carry
-            logits, cache = model.step(s.token, s.cache)
+            logits, cache = model.step(s.token, s.cache, weights)
             s = dataclasses.replace(s, cache=cache, t=s.t + 1)
             return i + 1, self._choose(s, logits, stop_tokens, sampling, pad_id)
 

@@ -13,7 +13,6 @@ from flax import nnx
 from mom_jax import ops
 from mom_jax.layers import common as lc
 from mom_jax.ops import common as oc
-from mom_jax.ops.scan import recurrent_step
 
 
 class RecurrentMixer(nnx.Module):
@@ -136,20 +135,28 @@ class RecurrentMixer(nnx.Module):
                                      initial_state=initial_state,
                                      output_final_state=output_final_state, impl=self.impl)
 
-    def _advance(self, state, conv_buf, qkv_raw, extra):
-        """One token through one or more memories (leading dims broadcast).
+    def _step_features(self, conv_buf, qkv_raw, extra, conv_weight):
+        """Short conv step (or SiLU) and feature maps of one token for one or more memories.
 
-        state: [..., H, dk, dv]; conv_buf: [..., W-1, C]; qkv_raw: [..., C]; extra: [..., nb+na].
-        Returns (new state, new conv buffer, o [..., H, dv] float32).
+        conv_buf: [..., W-1, C]; qkv_raw: [..., C]; extra: [..., nb+na]; conv_weight: [W, C] or
+        None.  Returns ((q, k, v, g, beta) as in ``_split_features``, new conv buffer).
         """
         if self.use_short_conv:
-            qkv, conv_buf = lc.short_conv_step(conv_buf, qkv_raw, self._conv_weight())
+            qkv, conv_buf = lc.short_conv_step(conv_buf, qkv_raw, conv_weight)
         else:
             qkv = jax.nn.silu(qkv_raw)
-        q, k, v, g, beta = self._split_features(qkv, extra)
-        state, o = recurrent_step(state, q, k, v, g=g if self.update_rule == "gated_delta" else None,
-                                  gk=g if self.update_rule == "gla" else None, beta=beta)
-        return state, conv_buf, o
+        return self._split_features(qkv, extra), conv_buf
+
+    def _update(self, state, features, slots=None, shared_state=None):
+        """The recurrent update of one token (``ops.decode_step``): state [B, M, H, dk, dv],
+        features of J memories per row ([B, J, ...]; the last one the shared memory's when
+        ``shared_state`` is given).  Returns (new state, new shared state or None,
+        o [B, J, H, dv] float32)."""
+        q, k, v, g, beta = features
+        return ops.decode_step(state, q, k, v, slots=slots,
+                               g=g if self.update_rule == "gated_delta" else None,
+                               gk=g if self.update_rule == "gla" else None, beta=beta,
+                               shared_state=shared_state, impl=self.impl)
 
     @staticmethod
     def _conv_tail(qkv_raw, offsets, lengths, history: int):

@@ -83,16 +83,26 @@ class SingleMemoryLayer(RecurrentMixer):
             state=jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_v_dim), jnp.float32),
             conv=jnp.zeros((batch_size, self.conv_history, self.conv_width), dtype))
 
-    def step(self, x, cache: RecurrentCache):
-        """x: [B, D] one token per row -> (y [B, D], new cache)."""
+    def decode_weights(self, dtype) -> dict:
+        """Weights of ``step`` cast and concatenated once (see ``MoMLayer.decode_weights``):
+        dict(proj=[D, Kd + N] q | k|v|b|a, conv=[W, 2Kd+Vd] float32 or None)."""
+        conv = self._conv_weight()
+        return dict(proj=jnp.concatenate([self.q_proj[...].astype(dtype),
+                                          self._concat_weights("{}_proj", dtype)], -1),
+                    conv=None if conv is None else conv.astype(jnp.float32))
+
+    def step(self, x, cache: RecurrentCache, weights: dict | None = None):
+        """x: [B, D] one token per row -> (y [B, D], new cache).  weights: ``decode_weights``."""
         self._check(x, rank=2)
         dtype = self.dtype or x.dtype
+        w = self.decode_weights(dtype) if weights is None else weights
         xc = x.astype(dtype)
-        raw = xc @ jnp.concatenate([self.q_proj[...].astype(dtype),
-                                    self._concat_weights("{}_proj", dtype)], -1)
-        state, conv, o = self._advance(cache.state, cache.conv, raw[..., :self.conv_width],
-                                       raw[..., self.conv_width:])
-        return self.head(o, xc), RecurrentCache(state=state, conv=conv.astype(cache.conv.dtype))
+        raw = (xc @ w["proj"])[:, None]                                          # [B, 1, Kd + N]
+        feats, conv = self._step_features(cache.conv[:, None], raw[..., :self.conv_width],
+                                          raw[..., self.conv_width:], w["conv"])
+        state, _, o = self._update(cache.state[:, None], feats)
+        return self.head(o[:, 0], xc), RecurrentCache(state=state[:, 0],
+                                                       conv=conv[:, 0].astype(cache.conv.dtype))
 
 
 class GatedDeltaNetLayer(SingleMemoryLayer):

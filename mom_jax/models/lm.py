@@ -176,13 +176,19 @@ class Block(nnx.Module):
             return self.mixer.init_cache(batch_size, max_len, dtype)
         return self.mixer.init_cache(batch_size, dtype)
 
-    def step(self, x, cache):
-        """x: [B, D] one token per row -> (x [B, D], new layer cache)."""
+    def decode_weights(self, dtype):
+        """The recurrent mixer's ``decode_weights`` (None for attention)."""
+        return None if self.kind == "attention" else self.mixer.decode_weights(dtype)
+
+    def step(self, x, cache, weights=None):
+        """x: [B, D] one token per row -> (x [B, D], new layer cache).  weights: decode_weights."""
         h = self.mixer_norm(x)
         if self.kind == "mom":
-            out, _, cache = self.mixer.step(h, cache)
-        else:
+            out, _, cache = self.mixer.step(h, cache, weights)
+        elif self.kind == "attention":
             out, cache = self.mixer.step(h, cache)
+        else:
+            out, cache = self.mixer.step(h, cache, weights)
         x = x + out.astype(x.dtype)
         x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
         return x, cache
@@ -271,15 +277,25 @@ class LanguageModel(nnx.Module):
             x = x[:, -1]
         return self._logits(x), tuple(caches)
 
-    def step(self, tokens, cache: tuple):
-        """Decodes one token per row: tokens int [B] -> (logits float32 [B, V], new cache)."""
+    def decode_weights(self) -> tuple:
+        """Per-layer weights of ``step`` in the compute dtype, concatenated once.  Compute this
+        outside a decode loop and pass it to every ``step`` (``mom_jax.decoding`` does)."""
+        dtype = DTYPES[self.cfg.dtype]
+        return tuple(blk.decode_weights(dtype) for blk in self.blocks)
+
+    def step(self, tokens, cache: tuple, weights: tuple | None = None):
+        """Decodes one token per row: tokens int [B] -> (logits float32 [B, V], new cache).
+
+        weights: ``decode_weights()`` (computed here when None)."""
         self._check_tokens(tokens, 1)
         if not isinstance(cache, tuple) or len(cache) != len(self.blocks):
             raise ValueError(f"cache must be a tuple of {len(self.blocks)} layer caches "
                              f"(from init_cache / prefill), got {type(cache).__name__}")
+        if weights is None:
+            weights = self.decode_weights()
         x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.dtype])
         new = []
-        for block, c in zip(self.blocks, cache):
-            x, c = block.step(x, c)
+        for block, c, w in zip(self.blocks, cache, weights):
+            x, c = block.step(x, c, w)
             new.append(c)
         return self._logits(x), tuple(new)
