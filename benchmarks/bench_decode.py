@@ -226,7 +226,7 @@ def main():
 
     # Priority order (a deadline may cut the tail): decode B1, decode larger batches, prefill.
     plan = [("decode", name, b, c) for b in batches for name in models for c in contexts]
-    plan += [("prefill", name, 1, c) for c in [int(x) for x in args.prefill_contexts.split(",")]
+    plan += [("prefill", name, 1, c) for c in [int(x) for x in args.prefill_contexts.split(",") if x]
              for name in models]
     limit = mem_limit()
     for kind, name, batch, ctx in plan:

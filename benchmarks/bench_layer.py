@@ -1,6 +1,8 @@
 """Times the MoM layer (and the Gated DeltaNet layer) forward and forward+backward.
 
-Usage (GPU machine):  python -m benchmarks.bench_layer [--impl xla] [--out benchmarks/results/x.json]
+Usage (GPU machine):  python -m benchmarks.bench_layer [--impls xla,pallas] [--projections dense]
+                          [--shapes 8x2048,2x8192] [--out benchmarks/results/x.json]
+Several impls run side by side in one process (same card, same inputs).
 
 Method: jit once, 3 warm-up calls (benchmarks/timing.py), then ``--repeats`` timed calls, each ended by
 ``jax.block_until_ready``; the median is reported (min and max too).  Inputs are random normal
@@ -47,23 +49,25 @@ def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.b
                 fwd_bwd_max_ms=fb["max_ms"], first_call_s=compile_s)
 
 
-def check_correctness():
-    """fp32 MoM layer on the device: chunked impl vs the token-by-token scan; prints rel. error."""
-    layer = MoMLayer(256, num_heads=2, head_dim=64, num_memories=4, topk=2, impl="xla",
+def check_correctness(impl: str):
+    """fp32 MoM layer on the device: ``impl`` vs the token-by-token scan; prints rel. error."""
+    layer = MoMLayer(256, num_heads=2, head_dim=64, num_memories=4, topk=2, impl=impl,
                      rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 300, 256), jnp.float32)
     y_fast = layer(x)[0]
     layer.impl = "scan"
     y_ref = layer(x)[0]
     rel = float(jnp.linalg.norm(y_fast - y_ref) / jnp.linalg.norm(y_ref))
-    print(f"correctness (fp32, xla vs scan, MoM layer B2 T300): rel err {rel:.2e}, "
+    print(f"correctness (fp32, {impl} vs scan, MoM layer B2 T300): rel err {rel:.2e}, "
           f"finite={bool(jnp.all(jnp.isfinite(y_fast)))}", flush=True)
     return rel
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--impl", default="xla")
+    ap.add_argument("--impls", default="xla", help="comma list, timed side by side")
+    ap.add_argument("--projections", default="ragged,dense", help="MoM routed_projection values")
+    ap.add_argument("--memories", default="4,8", help="MoM E values")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="")
     ap.add_argument("--quick", action="store_true", help="one small config (smoke test)")
@@ -75,26 +79,31 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     configs = []
     for b, t in shapes:
-        for e, proj in ((4, "ragged"), (4, "dense"), (8, "ragged"), (8, "dense")):
-            configs.append(("MoM", dict(num_memories=e, topk=2, routed_projection=proj), b, t))
+        for e in [int(v) for v in args.memories.split(",")]:
+            for proj in args.projections.split(","):
+                configs.append(("MoM", dict(num_memories=e, topk=2, routed_projection=proj), b, t))
         configs.append(("GatedDeltaNet", {}, b, t))
     if args.quick:
         d, h, dk, configs = 256, 2, 64, [("MoM", dict(num_memories=4, topk=2), 2, 512)]
-    check_correctness()
+    impls = args.impls.split(",")
+    for impl in impls:
+        check_correctness(impl)
     rows = []
     for name, kw, b, t in configs:
-        cls = MoMLayer if name == "MoM" else GatedDeltaNetLayer
-        layer = cls(d, num_heads=h, head_dim=dk, impl=args.impl, dtype=jnp.bfloat16,
-                    rngs=nnx.Rngs(0), **kw)
-        res = bench_layer(layer, b, t, d, args.repeats)
-        row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=args.impl, **kw,
-                   **res)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\n| layer | E | proj | B x T | fwd ms | fwd+bwd ms |  ({dev.device_kind}, impl={args.impl})")
+        for impl in impls:
+            cls = MoMLayer if name == "MoM" else GatedDeltaNetLayer
+            layer = cls(d, num_heads=h, head_dim=dk, impl=impl, dtype=jnp.bfloat16,
+                        rngs=nnx.Rngs(0), **kw)
+            res = bench_layer(layer, b, t, d, args.repeats)
+            row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=impl, **kw,
+                       **res)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n| layer | E | proj | B x T | impl | fwd ms | fwd+bwd ms |  ({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
-              f"| {r['batch']}x{r['seq']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
+              f"| {r['batch']}x{r['seq']} | {r['impl']} | {r['fwd_ms']:.2f} | "
+              f"{r['fwd_bwd_ms']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)

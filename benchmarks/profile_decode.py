@@ -118,9 +118,10 @@ def profile_one(model, dec, batch, block, context=1024):
                            sampling=SamplingConfig(temperature=0.0))
     del cache
     stop, sampling, pad_id = dec._request
-    hlo = dec._advance.lower(dec.params, state, stop, jnp.asarray(block, jnp.int32),
-                             sampling=sampling, pad_id=pad_id).compile().as_text()
-    state, _ = dec.advance(state, block)
+    state, _ = dec.advance(state, block)      # also computes the Decoder's decode weights
+    hlo = dec._advance.lower(dec.params, dec._decode_weights, state, stop,
+                             jnp.asarray(block, jnp.int32), sampling=sampling,
+                             pad_id=pad_id).compile().as_text()
     state, _ = dec.advance(state, block)
     t0 = time.perf_counter()
     state, steps = dec.advance(state, block)

@@ -165,7 +165,8 @@ class Decoder:
                               static_argnames=("prefill_len", "max_len", "max_new_tokens",
                                                "sampling", "pad_id"))
         self._advance = jax.jit(self._advance_impl, static_argnames=("sampling", "pad_id"),
-                                donate_argnums=(1,))
+                                donate_argnums=(2,))
+        self._decode_weights = None   # LanguageModel.decode_weights(), computed on first use
 
     @property
     def vocab_size(self) -> int:
@@ -213,10 +214,9 @@ class Decoder:
             prompt=prompt, lengths=lengths, key=key)
         return self._choose(state, logits, stop_tokens, sampling, pad_id)
 
-    def _advance_impl(self, params, state: DecodeState, stop_tokens, num_steps, *, sampling,
-                      pad_id):
+    def _advance_impl(self, params, weights, state: DecodeState, stop_tokens, num_steps, *,
+                      sampling, pad_id):
         model = self._model(params)
-        weights = model.decode_weights()    # once per block of steps, not per token
 
         def cond(carry):
             i, s = carry
@@ -331,7 +331,10 @@ class Decoder:
         """Runs up to ``num_steps`` decode steps (fewer if every row is done) inside one jitted
         while_loop.  ``state`` is donated (do not reuse it).  Returns (new state, steps run)."""
         stop, sampling, pad_id = self._request
-        state, steps = self._advance(self.params, state, stop, jnp.asarray(num_steps, jnp.int32),
+        if self._decode_weights is None:  # cast + concatenated once per Decoder, not per token
+            self._decode_weights = jax.jit(lambda p: self._model(p).decode_weights())(self.params)
+        state, steps = self._advance(self.params, self._decode_weights, state, stop,
+                                     jnp.asarray(num_steps, jnp.int32),
                                      sampling=sampling, pad_id=pad_id)
         return state, int(steps)
 

@@ -5,9 +5,9 @@ Each op picks an implementation with ``impl``:
   "xla"    chunked pure-XLA form (chunk 64 by default; UT/WY form for the delta rules);
   "pallas" Pallas kernels (GPU through Triton lowering, TPU through Mosaic; interpret mode on CPU),
            available once a kernel is registered for the update rule;
-  "auto"   "xla" for now: on an H100 the Pallas forward is faster but its backward is slower than
-           XLA's (benchmarks/NOTES.md), so training would be slower.  Change
-           ``AUTO_PREFERS_PALLAS`` once the kernels win forward+backward.
+  "auto"   "pallas" on GPU (measured on an H100: the MoM layer's fwd+bwd 16.0 ms with the Pallas
+           kernels vs 31.1 ms with XLA, benchmarks/NOTES.md), "xla" on CPU and on TPU (the Mosaic
+           kernels are unmeasured on TPU hardware).  ``AUTO_PREFERS_PALLAS`` switches it off.
 
 Varlen input: pass ``cu_seqlens`` (int [N+1]) with batch 1; every sequence starts from its own initial
 state (``initial_state`` [N, H, dk, dv]) and gets its own final state.  Lengths may change from call to
@@ -29,9 +29,10 @@ _DELTA_RULES = ("gated_delta", "delta")
 # rule -> function(q, k, v, g, beta, layout, initial_state, output_final_state) -> (o, final).
 _PALLAS_KERNELS: dict[str, Callable] = {}
 
-# Whether impl="auto" picks a registered Pallas kernel on GPU/TPU.  Off: measured on H100 (2026-11-26)
-# the MoM layer fwd+bwd takes 46.5 ms with the Pallas kernels vs 32.5 ms with XLA (fwd 7.4 vs 9.5).
-AUTO_PREFERS_PALLAS = False
+# Whether impl="auto" picks a registered Pallas kernel on GPU.  On: measured on an H100 (2026-11-26,
+# benchmarks/results/layer_h100.json) the MoM layer (E4, B8 T2048) takes fwd 6.0 / fwd+bwd 16.0 ms
+# with the Pallas kernels vs 9.2 / 31.1 ms with XLA.  TPU stays on XLA until measured there.
+AUTO_PREFERS_PALLAS = True
 
 
 # The fused decode-step kernel: fn(state, slots, q, k, v, beta, decay, *, interpret) -> (state, o),
@@ -68,8 +69,8 @@ def resolve_impl(impl: str, rule: str) -> str:
     if impl in ("pallas", "auto"):
         _load_pallas_kernels()
     if impl == "auto":
-        on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
-        use = AUTO_PREFERS_PALLAS and on_accelerator and rule in _PALLAS_KERNELS
+        on_gpu = jax.default_backend() in ("gpu", "cuda")
+        use = AUTO_PREFERS_PALLAS and on_gpu and rule in _PALLAS_KERNELS
         return "pallas" if use else "xla"
     if impl == "pallas" and rule not in _PALLAS_KERNELS:
         raise NotImplementedError(
