@@ -24,7 +24,6 @@ import os
 import sys
 import time
 
-import jax
 import ml_collections
 from absl import app, flags
 from flax import nnx

@@ -187,26 +187,16 @@ def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *,
 
 def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *qdo_ref, block_k, block_v,
                      precision):
-    c = pl.program_id(0) % seg_ref.shape[0]
     chunk, dk = q_ref.shape
     qdo_ref = qdo_ref[0] if qdo_ref else None
 
-    @pl.when(seg_ref[c] < 0)
-    def _():
-        dvl_ref[...] = jnp.zeros(dvl_ref.shape, dvl_ref.dtype)
-
-    @pl.when(seg_ref[c] >= 0)
+    @tc.used_chunk(seg_ref, (dvl_ref,))
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
         kb = tc.blocks(dk, block_k)
         gates = tc.Gates.load(g_ref, rows, chunk - 1)
-        qs = tc.tiles(q_ref, rows, kb)
-        p = None
-        for q_b, k_b in zip(qs, tc.tiles(k_ref, rows, kb)):
-            part = mm(q_b, k_b, tb=True)
-            p = part if p is None else p + part
-        p = p * gates.causal()
+        qs, p = tc.causal_qk(q_ref, k_ref, rows, kb, gates, mm)
 
         def value_block(vcol, carry):
             do_j = do_ref[:, vcol]
@@ -253,16 +243,9 @@ def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, b
 
 def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, du_ref,
                  dq_ref, dkd_ref, dw_ref, dg_ref, *, block_v, precision):
-    c = pl.program_id(0) % seg_ref.shape[0]
     chunk = q_ref.shape[0]
-    used = seg_ref[c] >= 0
 
-    @pl.when(jnp.logical_not(used))
-    def _():
-        for ref in (dq_ref, dkd_ref, dw_ref, dg_ref):
-            ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
-    @pl.when(used)
+    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref))
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
@@ -329,16 +312,9 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
 
 def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dkd_ref,
                dk_ref, dv_ref, dbeta_ref, dg_ref, *, block_k, block_v, precision):
-    c = pl.program_id(0) % seg_ref.shape[0]
     chunk, dk = k_ref.shape
-    used = seg_ref[c] >= 0
 
-    @pl.when(jnp.logical_not(used))
-    def _():
-        for ref in (dk_ref, dv_ref, dbeta_ref, dg_ref):
-            ref[...] = jnp.zeros(ref.shape, ref.dtype)
-
-    @pl.when(used)
+    @tc.used_chunk(seg_ref, (dk_ref, dv_ref, dbeta_ref, dg_ref))
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)

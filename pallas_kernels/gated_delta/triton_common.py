@@ -111,6 +111,30 @@ class Gates:
         return cm.causal_decay(self.gcum)
 
 
+def used_chunk(seg_ref, zero_refs):
+    """For the chunk-parallel kernels (grid (B*Nc, H, ...)): zero-fills ``zero_refs`` when this
+    program's chunk belongs to no segment, and returns the ``pl.when`` decorator for the body that
+    handles a used chunk (``@used_chunk(seg_ref, outs) def _(): ...``)."""
+    c = pl.program_id(0) % seg_ref.shape[0]
+
+    @pl.when(seg_ref[c] < 0)
+    def _():
+        for ref in zero_refs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    return pl.when(seg_ref[c] >= 0)
+
+
+def causal_qk(q_ref, k_ref, rows, key_cols: list, gates: "Gates", mm):
+    """Q tiles of the chunk (one per key block) and P = (Q K^T) * D, D the causal decay [C, C]."""
+    qs = tiles(q_ref, rows, key_cols)
+    p = None
+    for q_b, k_b in zip(qs, tiles(k_ref, rows, key_cols)):
+        part = mm(q_b, k_b, tb=True)
+        p = part if p is None else p + part
+    return qs, p * gates.causal()
+
+
 def last_row_mask(c: int):
     """[C] bool: True at the chunk's last position."""
     return jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1

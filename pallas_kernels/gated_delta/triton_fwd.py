@@ -210,25 +210,15 @@ def state_walk(k, w, u, gcum_t, init, lo, hi, seg, first, *, chunk: int, num_seg
 
 def _output_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, vnew_ref, o_ref, *, block_k, block_v,
                    precision):
-    c = pl.program_id(0) % seg_ref.shape[0]
     chunk, dk = q_ref.shape
     kb = tc.blocks(dk, block_k)
     rows = pl.ds(0, chunk)
 
-    @pl.when(seg_ref[c] < 0)
-    def _():
-        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
-    @pl.when(seg_ref[c] >= 0)
+    @tc.used_chunk(seg_ref, (o_ref,))
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         gates = tc.Gates.load(g_ref, rows, chunk - 1)
-        qs = tc.tiles(q_ref, rows, kb)
-        p = None
-        for q_b, k_b in zip(qs, tc.tiles(k_ref, rows, kb)):
-            part = mm(q_b, k_b, tb=True)
-            p = part if p is None else p + part
-        p = p * gates.causal()
+        qs, p = tc.causal_qk(q_ref, k_ref, rows, kb, gates, mm)
         def value_block(vcol, carry):
             o = mm(p, vnew_ref[:, vcol])
             inter = None
