@@ -67,9 +67,11 @@ def _step_kernel(*refs, slots_per_row, num_memories, num_heads, block_v, delta, 
     k = k_ref[...].astype(F32)
     v = v_ref[...].astype(F32)
     beta = beta_ref[p * num_heads + h] if delta else None
-    decay = {"none": None, "head": lambda: decay_ref[p * num_heads + h],
-             "channel": lambda: decay_ref[...].astype(F32)}[decay_kind]
-    decay = decay() if callable(decay) else None
+    decay = None
+    if decay_kind == "head":
+        decay = decay_ref[p * num_heads + h]
+    elif decay_kind == "channel":
+        decay = decay_ref[...].astype(F32)
 
     def routed():
         r = (row * num_memories + slot_ref[p]) * num_heads + h
@@ -115,12 +117,9 @@ def step_in_place(state, slots, q, k, v, beta, decay, shared_state=None, *,
     decay_kind = "none" if decay is None else ("head" if decay.ndim == 3 else "channel")
     flat = lambda x: x.astype(F32).reshape(-1)                    # noqa: E731
     rows = lambda x: x.reshape((b * j,) + x.shape[2:])            # noqa: E731
-    beta_a = flat(beta) if beta is not None else jnp.zeros((1,), F32)
-    decay_a = {"none": jnp.zeros((1,), F32), "head": None, "channel": None}[decay_kind]
-    if decay_kind == "head":
-        decay_a = flat(decay)
-    elif decay_kind == "channel":
-        decay_a = rows(decay.astype(F32))
+    beta_a = flat(beta) if beta is not None else jnp.zeros((1,), F32)   # (1,): unread placeholder
+    decay_a = {"none": lambda: jnp.zeros((1,), F32), "head": lambda: flat(decay),
+               "channel": lambda: rows(decay.astype(F32))}[decay_kind]()
     slots_a = slots.astype(jnp.int32)
     if has_shared:  # the shared input's slot is unused
         slots_a = jnp.concatenate([slots_a, jnp.zeros((b, 1), jnp.int32)], axis=1)

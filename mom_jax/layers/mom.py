@@ -226,8 +226,7 @@ class MoMLayer(RecurrentMixer):
         kd, nkv = self.key_dim, self.key_dim + self.value_dim
         raw = xc @ w["proj"]
         q_raw, off = raw[:, :kd], kd
-        n = raw.shape[-1] - kd if self.single_kv_proj else (raw.shape[-1] - kd) // (
-            e + int(self.shared_memory))
+        n = sum(width for _, width in self._projection_parts())                  # k|v|b|a width
         shared = None
         if self.shared_memory or self.single_kv_proj:
             shared, off = raw[:, kd:kd + n], kd + n
