@@ -294,28 +294,19 @@ def test_l2norm():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", ["xla", "scan"])
-def test_delta_is_gated_delta_with_zero_gate(impl):
-    x = make_inputs(31, 2, 50, 2, 8, 12)
+@pytest.mark.parametrize("rule,gated_rule,gate,seed", [("delta", "gated_delta", "g", 31),
+                                                       ("linear", "gla", "gk", 32)])
+def test_ungated_rule_is_gated_rule_with_zero_gate(impl, rule, gated_rule, gate, seed):
+    """delta == gated delta with g = 0; linear attention == GLA with gk = 0."""
+    x = make_inputs(seed, 2, 50, 2, 8, 12)
     kw = dict(output_final_state=True, chunk_size=16)
-    o_d, f_d = call("delta", x, impl, **kw)
-    o_g, f_g = call("gated_delta", dict(x, g=np.zeros_like(x["g"])), impl, **kw)
-    assert_close(o_d, o_g, rel=1e-6)
-    assert_close(f_d, f_g, rel=1e-6)
+    o_u, f_u = call(rule, x, impl, **kw)
+    o_g, f_g = call(gated_rule, dict(x, **{gate: np.zeros_like(x[gate])}), impl, **kw)
+    assert_close(o_u, o_g, rel=1e-6)
+    assert_close(f_u, f_g, rel=1e-6)
     # and the gate does matter when it is not zero
-    o_g2, _ = call("gated_delta", x, impl, **kw)
-    assert rel_err(o_g2, o_d) > 1e-3
-
-
-@pytest.mark.parametrize("impl", ["xla", "scan"])
-def test_linear_attention_is_gla_with_zero_gate(impl):
-    x = make_inputs(32, 2, 50, 2, 8, 12)
-    kw = dict(output_final_state=True, chunk_size=16)
-    o_l, f_l = call("linear", x, impl, **kw)
-    o_g, f_g = call("gla", dict(x, gk=np.zeros_like(x["gk"])), impl, **kw)
-    assert_close(o_l, o_g, rel=1e-6)
-    assert_close(f_l, f_g, rel=1e-6)
-    o_g2, _ = call("gla", x, impl, **kw)
-    assert rel_err(o_g2, o_l) > 1e-3
+    o_g2, _ = call(gated_rule, x, impl, **kw)
+    assert rel_err(o_g2, o_u) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------

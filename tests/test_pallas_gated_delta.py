@@ -104,6 +104,16 @@ def grads(case, impl, config=None):
         *[case[n] for n in names])))
 
 
+def assert_pallas_matches_scan(case, config=None):
+    """Pallas forward (o, final state) and every gradient against the scan reference."""
+    o, final = jrun(case, "pallas", config)
+    o_ref, final_ref = jrun(case, "scan")
+    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
+    gp, gs = grads(case, "pallas", config), grads(case, "scan")
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+
+
 # ------------------------------------------------------------------------------------------------
 # triangular inverse
 # ------------------------------------------------------------------------------------------------
@@ -158,12 +168,7 @@ def test_chunk64_many_chunks_and_odd_head_dims():
     rows = [[0, 0, 0, 0, 1]]
     LAYOUTS["c64"] = (rows, 3, [[4 * 64, 30, 0]])
     case = make_case("c64", chunk=64, dk=24, dv=40, h=1, seed=5)
-    o, final = jrun(case, "pallas")
-    o_ref, final_ref = jrun(case, "scan")
-    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
-    gp, gs = grads(case, "pallas"), grads(case, "scan")
-    for n in gs:
-        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+    assert_pallas_matches_scan(case)
 
 
 def test_several_key_and_value_tiles():
@@ -172,24 +177,14 @@ def test_several_key_and_value_tiles():
     of the key blocks."""
     config = gd_api.Config(block_k=16, block_v=16, par_block_v=16)
     case = make_case("packed", dk=32, dv=48, seed=17)
-    o, final = jrun(case, "pallas", config)
-    o_ref, final_ref = jrun(case, "scan")
-    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
-    gp, gs = grads(case, "pallas", config), grads(case, "scan")
-    for n in gs:
-        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+    assert_pallas_matches_scan(case, config)
 
 
 def test_default_blocks_at_dk128():
     """The default block sizes at dk = dv = 128: two 64-wide key tiles, four 32-wide walk
     programs per head, two 64-wide value blocks in the chunk-parallel kernels; a split segment."""
     case = make_case("split_runs", dk=128, dv=128, h=1, seed=29)
-    o, final = jrun(case, "pallas")
-    o_ref, final_ref = jrun(case, "scan")
-    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
-    gp, gs = grads(case, "pallas"), grads(case, "scan")
-    for n in gs:
-        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+    assert_pallas_matches_scan(case)
 
 
 @pytest.mark.parametrize("name,config", [("packed", gd_api.Config(bwd="xla")),
