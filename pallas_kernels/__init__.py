@@ -1,12 +1,14 @@
 """Pallas kernels for mom_jax.  Importing this package registers them with ``mom_jax.ops``:
 rules "gated_delta" and "delta" (``impl="pallas"``, and ``impl="auto"`` on GPU/TPU), and the fused
-decode step (``mom_jax.ops.decode_step``)."""
+decode step (``mom_jax.ops.decode_step``) with the layers' fused feature pass."""
 from mom_jax.ops import register_pallas_kernel, register_pallas_step_kernel
+from pallas_kernels import decode_features as _decode_features
 from pallas_kernels import decode_step as _decode_step
 from pallas_kernels.gated_delta import api as _gd_api
 
 register_pallas_kernel("gated_delta", _gd_api.gated_delta_kernel)
 register_pallas_kernel("delta", _gd_api.delta_kernel)
-register_pallas_step_kernel(_decode_step.step_in_place, _decode_step.supported)
+register_pallas_step_kernel(_decode_step.step_in_place, _decode_step.supported,
+                            features=_decode_features.step_features_in_place)
 
 __all__ = ["register_pallas_kernel"]

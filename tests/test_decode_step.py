@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mom_jax import ops
-from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+from mom_jax.layers import GatedDeltaNetLayer, GLALayer, MoMLayer
 from mom_jax.ops.scan import recurrent_step
 from pallas_kernels import decode_step as kernel
 
@@ -110,26 +110,63 @@ def _decode(layer, x, steps):
     return jnp.stack(outs, 1), cache
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_mom_layer_step_pallas_equals_xla(shared):
-    """Several decode steps of a MoM layer: the fused kernel path equals the XLA path."""
-    kw = dict(num_heads=2, head_dim=16, num_memories=3, topk=2, shared_memory=shared)
+STEP_VARIANTS = {  # name -> MoMLayer options; the fused feature pass must handle each
+    "gated_delta+shared": dict(),
+    "gated_delta": dict(shared_memory=False),
+    "delta+shared": dict(update_rule="delta"),
+    "gla+shared,no conv": dict(update_rule="gla", use_short_conv=False),
+    "linear,conv 3": dict(update_rule="linear", shared_memory=False, conv_size=3),
+    "single_kv_proj+shared": dict(single_kv_proj=True),
+    "gated_delta+shared,bf16": dict(dtype=jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+def test_mom_layer_step_pallas_equals_xla(variant):
+    """Several decode steps of a MoM layer: the fused kernels (feature pass + state update, in
+    interpret mode) equal the XLA path (gathers, feature fusions, recurrent_step, scatters)."""
+    opts = STEP_VARIANTS[variant]
+    kw = dict(num_heads=2, head_dim=16, num_memories=3, topk=2, **opts)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32))
     layer_p = MoMLayer(32, impl="pallas", rngs=nnx.Rngs(0), **kw)
     layer_x = MoMLayer(32, impl="xla", rngs=nnx.Rngs(0), **kw)
-    y_p, c_p = _decode(layer_p, x, 5)
-    y_x, c_x = _decode(layer_x, x, 5)
-    np.testing.assert_allclose(y_p, y_x, rtol=2e-5, atol=2e-5)
-    for a, b in zip(jax.tree.leaves(c_p), jax.tree.leaves(c_x)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    conv_dtype = opts.get("dtype", jnp.float32)
+    tol = 2e-2 if conv_dtype == jnp.bfloat16 else 2e-5
+    cache_p = cache_x = layer_p.init_cache(2, conv_dtype)
+    for t in range(5):
+        y_p, _, new_p = layer_p.step(x[:, t], cache_p)
+        y_x, _, new_x = layer_x.step(x[:, t], cache_x)
+        np.testing.assert_allclose(np.asarray(y_p, np.float32), np.asarray(y_x, np.float32),
+                                   rtol=tol, atol=tol)
+        for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(new_x)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=tol, atol=tol)
+        # the memories not routed to keep their state and conv history bit for bit
+        logits = x[:, t] @ layer_p.gate[...]
+        chosen = jnp.zeros((2, 3), bool).at[jnp.arange(2)[:, None],
+                                            jax.lax.top_k(logits, 2)[1]].set(True)
+        same = jnp.all((new_p.routed_state == cache_p.routed_state).reshape(2, 3, -1), -1)
+        same_conv = jnp.all((new_p.routed_conv == cache_p.routed_conv).reshape(2, 3, -1), -1)
+        assert bool(jnp.all(same | chosen)) and bool(jnp.all(same_conv | chosen))
+        assert not bool(jnp.any(same & chosen))
+        cache_p, cache_x = new_p, new_x
 
 
-def test_gdn_layer_step_pallas_equals_xla():
+@pytest.mark.parametrize("layer_cls", [GatedDeltaNetLayer, GLALayer])
+def test_single_memory_layer_step_pallas_equals_xla(layer_cls):
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 32))
-    y_p, c_p = _decode(GatedDeltaNetLayer(32, num_heads=2, impl="pallas", rngs=nnx.Rngs(0)), x, 4)
-    y_x, c_x = _decode(GatedDeltaNetLayer(32, num_heads=2, impl="xla", rngs=nnx.Rngs(0)), x, 4)
+    y_p, c_p = _decode(layer_cls(32, num_heads=2, impl="pallas", rngs=nnx.Rngs(0)), x, 4)
+    y_x, c_x = _decode(layer_cls(32, num_heads=2, impl="xla", rngs=nnx.Rngs(0)), x, 4)
     np.testing.assert_allclose(y_p, y_x, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(c_p.state, c_x.state, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(c_p.conv, c_x.conv, rtol=2e-5, atol=2e-5)
+
+
+def test_feature_kernel_gla_normalizer_matches_layers():
+    from mom_jax.layers import common as lc  # noqa: PLC0415
+    from pallas_kernels import decode_features  # noqa: PLC0415
+    assert decode_features.GLA_GATE_NORMALIZER == lc.GLA_GATE_NORMALIZER
 
 
 def test_step_kernel_lowers_for_cuda():
@@ -147,6 +184,36 @@ def test_step_kernel_lowers_for_cuda():
             sds((b, j + 1, h), jnp.float32), sds((b, h, dk, dv), jnp.float32))
     with jax.sharding.use_abstract_mesh(mesh):
         lowered = jax.jit(kernel.step_in_place, donate_argnums=(0, 7)).trace(*args).lower(
+            lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "output_operand_aliases" in text
+
+
+def test_feature_kernel_lowers_for_cuda():
+    """The fused feature pass lowers to Triton IR for an H100 without a GPU, the conv histories
+    aliased (at the 340M model's head sizes)."""
+    import functools  # noqa: PLC0415
+
+    from jax._src import mesh as mesh_lib  # noqa: PLC0415
+
+    from pallas_kernels import decode_features  # noqa: PLC0415
+    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                  platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=dev)
+    sds = jax.ShapeDtypeStruct
+    b, e, k, h, d, w = 2, 4, 2, 4, 256, 4
+    n = 2 * h * d + 2 * h
+    c = 3 * h * d
+    args = (sds((b, h * d + (e + 1) * n), jnp.bfloat16), sds((b, k + 1), jnp.int32),
+            sds((b, k), jnp.int32), sds((b, e, w - 1, c), jnp.bfloat16),
+            sds((b, w - 1, c), jnp.bfloat16), sds((w, c), jnp.float32), sds((2, h), jnp.float32))
+    fn = functools.partial(decode_features.step_features_in_place, update_rule="gated_delta",
+                           num_heads=h, head_dim=d, head_v_dim=d, conv_size=w, q_scale=d ** -0.5,
+                           eps=1e-6)
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(fn, donate_argnums=(3, 4)).trace(*args).lower(
             lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1

@@ -158,6 +158,46 @@ class RecurrentMixer(nnx.Module):
                                gk=g if self.update_rule == "gla" else None, beta=beta,
                                shared_state=shared_state, impl=self.impl)
 
+    def _decay_params(self) -> jax.Array | None:
+        """[2, H] float32 (-exp(A_log), dt_bias) of the gated-delta decay (None for other rules)."""
+        if self.update_rule != "gated_delta":
+            return None
+        return jnp.stack([-jnp.exp(self.A_log[...].astype(jnp.float32)),
+                          self.dt_bias[...].astype(jnp.float32)])
+
+    def _fused_step_kernel(self):
+        """The fused feature pass (``ops.step_features_kernel``) when the decode step runs the
+        Pallas kernels (``ops.resolve_step_impl``), else None (the XLA step)."""
+        if ops.resolve_step_impl(self.impl, self.head_dim, self.head_v_dim) != "pallas":
+            return None
+        return ops.step_features_kernel()
+
+    def _fused_step(self, kernel, raw, col_off, slots, conv, shared_conv, weights, state,
+                    shared_state=None):
+        """Features and update of one token for J inputs per row with the fused kernels.
+
+        raw: [B, P] projections (q in columns [0, Kd)); col_off: int32 [B, J] column of each
+        input's k|v|b|a block; slots: int32 [B, Jr] memory of each routed input; conv:
+        [B, M, W-1, C] and shared_conv [B, W-1, C] (or None) conv histories; weights:
+        ``decode_weights`` (uses "conv", "decay"); state [B, M, H, dk, dv] float32, shared_state
+        [B, H, dk, dv] or None (J = Jr + 1 when given).  Returns (o [B, J, H, dv] float32, state,
+        shared state, conv, shared conv), the caches updated in place where the caller's buffers
+        allow it.
+        """
+        has_conv = self.conv_history > 0
+        f = kernel(raw, col_off, slots, conv if has_conv else None,
+                   shared_conv if has_conv and shared_state is not None else None, weights["conv"],
+                   weights["decay"], update_rule=self.update_rule, num_heads=self.num_heads,
+                   head_dim=self.head_dim, head_v_dim=self.head_v_dim,
+                   conv_size=self.conv_size if has_conv else 0, q_scale=self.head_dim ** -0.5,
+                   eps=oc.L2NORM_EPS, interpret=jax.default_backend() == "cpu")
+        state, shared_state, o = ops.decode_step(state, f["q"], f["k"], f["v"], slots=slots,
+                                                 g=f["g"], gk=f["gk"], beta=f["beta"],
+                                                 shared_state=shared_state, impl=self.impl)
+        if has_conv:
+            conv, shared_conv = f["conv"], f["shared_conv"]
+        return o, state, shared_state, conv, shared_conv
+
     @staticmethod
     def _conv_tail(qkv_raw, offsets, lengths, history: int):
         """Last ``history`` raw inputs of each segment (zeros before its start).

@@ -85,11 +85,13 @@ class SingleMemoryLayer(RecurrentMixer):
 
     def decode_weights(self, dtype) -> dict:
         """Weights of ``step`` cast and concatenated once (see ``MoMLayer.decode_weights``):
-        dict(proj=[D, Kd + N] q | k|v|b|a, conv=[W, 2Kd+Vd] float32 or None)."""
+        dict(proj=[D, Kd + N] q | k|v|b|a, conv=[W, 2Kd+Vd] float32 or None, decay=[2, H] or
+        None)."""
         conv = self._conv_weight()
         return dict(proj=jnp.concatenate([self.q_proj[...].astype(dtype),
                                           self._concat_weights("{}_proj", dtype)], -1),
-                    conv=None if conv is None else conv.astype(jnp.float32))
+                    conv=None if conv is None else conv.astype(jnp.float32),
+                    decay=self._decay_params())
 
     def step(self, x, cache: RecurrentCache, weights: dict | None = None):
         """x: [B, D] one token per row -> (y [B, D], new cache).  weights: ``decode_weights``."""
@@ -97,10 +99,17 @@ class SingleMemoryLayer(RecurrentMixer):
         dtype = self.dtype or x.dtype
         w = self.decode_weights(dtype) if weights is None else weights
         xc = x.astype(dtype)
-        raw = (xc @ w["proj"])[:, None]                                          # [B, 1, Kd + N]
-        feats, conv = self._step_features(cache.conv[:, None], raw[..., :self.conv_width],
-                                          raw[..., self.conv_width:], w["conv"])
-        state, _, o = self._update(cache.state[:, None], feats)
+        raw = xc @ w["proj"]                                                     # [B, Kd + N]
+        kernel = self._fused_step_kernel()
+        if kernel is not None:   # the single memory is input 0 / slot 0 of a one-memory cache
+            b = x.shape[0]
+            o, state, _, conv, _ = self._fused_step(
+                kernel, raw, jnp.full((b, 1), self.key_dim, jnp.int32),
+                jnp.zeros((b, 1), jnp.int32), cache.conv[:, None], None, w, cache.state[:, None])
+        else:
+            feats, conv = self._step_features(cache.conv[:, None], raw[:, None, :self.conv_width],
+                                              raw[:, None, self.conv_width:], w["conv"])
+            state, _, o = self._update(cache.state[:, None], feats)
         return self.head(o[:, 0], xc), RecurrentCache(state=state[:, 0],
                                                        conv=conv[:, 0].astype(cache.conv.dtype))
 

@@ -193,7 +193,8 @@ class MoMLayer(RecurrentMixer):
         Decoding loops compute this outside the loop and pass it to every ``step`` (XLA does not
         hoist the concatenation out of a while loop by itself: it cost ~0.9 ms per token in the
         340M model).  Returns dict(proj=[D, Kd (+ N) (+ E*N)]: q | shared k|v|b|a (shared memory
-        or single_kv_proj) | each routed memory's k|v|b|a, conv=[W, 2Kd+Vd] or None).
+        or single_kv_proj) | each routed memory's k|v|b|a, conv=[W, 2Kd+Vd] or None, decay=[2, H]
+        (-exp(A_log), dt_bias) or None).
         """
         parts = [self.q_proj[...].astype(dtype)]
         if self.shared_memory or self.single_kv_proj:
@@ -203,32 +204,18 @@ class MoMLayer(RecurrentMixer):
             parts.append(jnp.transpose(w_mem, (1, 0, 2)).reshape(self.hidden_size, -1))
         conv = self._conv_weight()
         return dict(proj=jnp.concatenate(parts, -1),
-                    conv=None if conv is None else conv.astype(jnp.float32))
+                    conv=None if conv is None else conv.astype(jnp.float32),
+                    decay=self._decay_params())
 
-    def step(self, x, cache: MoMCache, weights: dict | None = None):
-        """Decodes one token per row.
-
-        Args:
-          x: [B, D] the layer input of the new token; cache: MoMCache; weights: ``decode_weights``
-            (computed here when None).
-        Returns:
-          (y [B, D], router_logits [B, E] float32, new cache).  Only the top-k selected memories
-          (and the shared one) change; every other memory's state and conv buffer is left as is.
-        """
-        self._check(x, rank=2)
-        dtype = self.dtype or x.dtype
-        w = self.decode_weights(dtype) if weights is None else weights
-        xc = x.astype(dtype)
-        b, k, e = x.shape[0], self.topk, self.num_memories
-        router_logits = x.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)
-        weights_k, idx = routing.route(router_logits, k)                          # [B, k]
+    def _xla_step(self, raw, idx, cache: MoMCache, w: dict, n: int, has_shared_proj: bool):
+        """``step``'s features and update with XLA ops (gathers, the conv / feature fusions,
+        ``ops.decode_step``, scatters).  Returns (o [B, J, H, dv] float32, new cache fields)."""
+        b, k, e, kd = raw.shape[0], self.topk, self.num_memories, self.key_dim
+        nkv = self.key_dim + self.value_dim
         rows = jnp.arange(b)[:, None]
-        kd, nkv = self.key_dim, self.key_dim + self.value_dim
-        raw = xc @ w["proj"]
         q_raw, off = raw[:, :kd], kd
-        n = sum(width for _, width in self._projection_parts())                  # k|v|b|a width
         shared = None
-        if self.shared_memory or self.single_kv_proj:
+        if has_shared_proj:
             shared, off = raw[:, kd:kd + n], kd + n
         if self.single_kv_proj:
             kvba = jnp.broadcast_to(shared[:, None], (b, k, n))
@@ -244,13 +231,53 @@ class MoMLayer(RecurrentMixer):
         feats, bufs = self._step_features(bufs, qkv_raw, mem_raw[..., nkv:], w["conv"])
         state, s_state, o = self._update(cache.routed_state, feats, slots=idx,
                                          shared_state=cache.shared_state)
-        y = jnp.sum(o[:, :k] * weights_k[..., None, None], axis=1)                # [B, H, dv]
         new = dict(routed_state=state,
                    routed_conv=cache.routed_conv.at[rows, idx].set(
                        bufs[:, :k].astype(cache.routed_conv.dtype)),
                    shared_state=None, shared_conv=None)
         if self.shared_memory:
-            y = y + o[:, k]
             new.update(shared_state=s_state,
                        shared_conv=bufs[:, k].astype(cache.shared_conv.dtype))
+        return o, new
+
+    def step(self, x, cache: MoMCache, weights: dict | None = None):
+        """Decodes one token per row.
+
+        Args:
+          x: [B, D] the layer input of the new token; cache: MoMCache; weights: ``decode_weights``
+            (computed here when None).
+        Returns:
+          (y [B, D], router_logits [B, E] float32, new cache).  Only the top-k selected memories
+          (and the shared one) change; every other memory's state and conv buffer is left as is.
+        """
+        self._check(x, rank=2)
+        dtype = self.dtype or x.dtype
+        w = self.decode_weights(dtype) if weights is None else weights
+        xc = x.astype(dtype)
+        b, k = x.shape[0], self.topk
+        router_logits = x.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)
+        weights_k, idx = routing.route(router_logits, k)                          # [B, k]
+        kd = self.key_dim
+        raw = xc @ w["proj"]
+        n = sum(width for _, width in self._projection_parts())                  # k|v|b|a width
+        has_shared_proj = self.shared_memory or self.single_kv_proj
+        kernel = self._fused_step_kernel()
+        if kernel is not None:
+            # Column of each input's k|v|b|a block: routed memories (their own block, or the
+            # shared projection with single_kv_proj), then the shared memory.
+            routed_col = kd + n * int(has_shared_proj)
+            col_off = (jnp.full((b, k), kd, jnp.int32) if self.single_kv_proj
+                       else routed_col + idx * n)
+            if self.shared_memory:
+                col_off = jnp.concatenate([col_off, jnp.full((b, 1), kd, jnp.int32)], axis=1)
+            o, state, s_state, conv, s_conv = self._fused_step(
+                kernel, raw, col_off, idx, cache.routed_conv, cache.shared_conv, w,
+                cache.routed_state, cache.shared_state)
+            new = dict(routed_state=state, routed_conv=conv, shared_state=s_state,
+                       shared_conv=s_conv)
+        else:
+            o, new = self._xla_step(raw, idx, cache, w, n, has_shared_proj)
+        y = jnp.sum(o[:, :k] * weights_k[..., None, None], axis=1)                # [B, H, dv]
+        if self.shared_memory:
+            y = y + o[:, k]
         return self.head(y, xc), router_logits, MoMCache(**new)

@@ -46,9 +46,19 @@ _PALLAS_STEP: dict[str, Callable] = {}
 AUTO_STEP_PREFERS_PALLAS = True
 
 
-def register_pallas_step_kernel(fn: Callable, supported: Callable) -> None:
-    """Lets ``pallas_kernels`` plug in the fused one-token step (see ``decode_step``)."""
-    _PALLAS_STEP.update(fn=fn, supported=supported)
+def register_pallas_step_kernel(fn: Callable, supported: Callable,
+                                features: Callable | None = None) -> None:
+    """Lets ``pallas_kernels`` plug in the fused one-token step (see ``decode_step``) and the fused
+    feature pass of the layers' decode step (``step_features_kernel``)."""
+    _PALLAS_STEP.update(fn=fn, supported=supported, features=features)
+
+
+def step_features_kernel() -> Callable | None:
+    """The registered fused feature pass of a layer's decode step (short conv, SiLU, q/k L2-norm,
+    beta and decay of the selected memories, conv histories shifted in place): the layers use it
+    where ``resolve_step_impl`` gives "pallas".  See ``pallas_kernels.decode_features``."""
+    _load_pallas_kernels()
+    return _PALLAS_STEP.get("features")
 
 
 def register_pallas_kernel(rule: str, fn: Callable) -> None:
