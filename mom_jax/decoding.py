@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mom_jax.models.lm import LanguageModel
+from mom_jax.models.lm import DTYPES, LanguageModel, params_for_inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +161,9 @@ class Decoder:
         self.cfg = model.cfg
         self.has_attention = model.has_attention
         self.graphdef, self.params = nnx.split(model)
+        # The matmul weights in the compute dtype once, not cast at every token (same function).
+        self._run_params = jax.jit(params_for_inference, static_argnums=1)(
+            self.params, DTYPES[model.cfg.dtype])
         self._start = jax.jit(self._start_impl,
                               static_argnames=("prefill_len", "max_len", "max_new_tokens",
                                                "sampling", "pad_id"))
@@ -296,8 +299,8 @@ class Decoder:
         if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
             raise ValueError(f"pad_id must be an integer, got {pad_id!r}")
         self._request = (jnp.asarray(stop), sampling, int(pad_id))
-        return self._start(self.params, jnp.asarray(prompt), jnp.asarray(lengths), _as_key(seed),
-                           jnp.asarray(stop), prefill_len=int(lengths.min()), max_len=max_len,
+        return self._start(self._run_params, jnp.asarray(prompt), jnp.asarray(lengths),
+                           _as_key(seed), jnp.asarray(stop), prefill_len=int(lengths.min()), max_len=max_len,
                            max_new_tokens=int(max_new_tokens), sampling=sampling,
                            pad_id=int(pad_id))
 
@@ -332,8 +335,9 @@ class Decoder:
         while_loop.  ``state`` is donated (do not reuse it).  Returns (new state, steps run)."""
         stop, sampling, pad_id = self._request
         if self._decode_weights is None:  # cast + concatenated once per Decoder, not per token
-            self._decode_weights = jax.jit(lambda p: self._model(p).decode_weights())(self.params)
-        state, steps = self._advance(self.params, self._decode_weights, state, stop,
+            self._decode_weights = jax.jit(lambda p: self._model(p).decode_weights())(
+                self._run_params)
+        state, steps = self._advance(self._run_params, self._decode_weights, state, stop,
                                      jnp.asarray(num_steps, jnp.int32),
                                      sampling=sampling, pad_id=pad_id)
         return state, int(steps)

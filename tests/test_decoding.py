@@ -199,3 +199,56 @@ def test_bad_arguments():
         make_model("attention").prefill(tokens((1, 8), 0), max_len=4)
     with pytest.raises(ValueError, match="int tokens"):
         make_model("mom").step(jnp.ones((2, 3), jnp.int32), ())
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_params_for_inference_same_function_in_bf16(name):
+    """Casting the matmul weights once (what Decoder does) changes nothing in a bf16 model:
+    prefill and steps give bit-identical logits and caches; norm / router / decay parameters
+    stay float32."""
+    from mom_jax.models import params_for_inference  # noqa: PLC0415
+    from mom_jax.models.lm import COMPUTE_DTYPE_PARAMS  # noqa: PLC0415
+    mixer, every = MIXERS[name]
+    cfg = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, mixer=mixer,
+                      attention_every=every, num_heads=2, head_dim=16, num_memories=3, topk=2,
+                      chunk_size=8, attn_num_heads=2, attn_head_dim=16, dtype="bfloat16",
+                      remat=False, impl="xla", init_std=0.2)
+    graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(3)))
+    cast = params_for_inference(params, jnp.bfloat16)
+    leaves = jax.tree_util.tree_flatten_with_path(cast)[0]
+    dtypes = {}
+    for path, x in leaves:
+        dtypes[[k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]] = x.dtype
+    assert {n for n, d in dtypes.items() if d == jnp.bfloat16} == set(dtypes) & COMPUTE_DTYPE_PARAMS
+    assert all(dtypes[n] == jnp.float32 for n in ("weight", "A_log", "gate") if n in dtypes)
+    tok = tokens((2, 12), seed=4)
+
+    def run(p):
+        model = nnx.merge(graphdef, p)
+        logits, cache = model.prefill(tok[:, :8], max_len=12)
+        outs = [logits]
+        for t in range(8, 12):
+            lt, cache = model.step(tok[:, t], cache)
+            outs.append(lt[:, None])
+        return jnp.concatenate(outs, 1), cache
+
+    (a, cache_a), (b, cache_b) = jax.jit(run)(params), jax.jit(run)(cast)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for x, y in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b)):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_compute_dtype_param_names_exist():
+    """Every name in COMPUTE_DTYPE_PARAMS is a parameter of some model (no silent typos)."""
+    from mom_jax.models.lm import COMPUTE_DTYPE_PARAMS  # noqa: PLC0415
+    seen = set()
+    for name in MIXERS:
+        for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(make_model(name)))[0]:
+            seen.update(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    untied = LanguageModel(ModelConfig(vocab_size=V, hidden_size=32, num_layers=1, mixer="mom",
+                                       num_heads=2, head_dim=16, num_memories=3, topk=2,
+                                       tie_embeddings=False, remat=False),
+                           rngs=nnx.Rngs(0))
+    seen.update(k.key for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(untied))[0]
+                for k in path if isinstance(k, jax.tree_util.DictKey))
+    assert COMPUTE_DTYPE_PARAMS <= seen, COMPUTE_DTYPE_PARAMS - seen

@@ -1,4 +1,4 @@
 """Language models."""
-from mom_jax.models.lm import MIXERS, LanguageModel, ModelConfig
+from mom_jax.models.lm import MIXERS, LanguageModel, ModelConfig, params_for_inference
 
-__all__ = ["MIXERS", "LanguageModel", "ModelConfig"]
+__all__ = ["MIXERS", "LanguageModel", "ModelConfig", "params_for_inference"]
