@@ -118,10 +118,22 @@ def assert_pallas_matches_scan(case, config=None):
 # triangular inverse
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [16, 64])
+def _blocked_inverse(a):
+    """cm.block_ut_inverse on the 16 x 16 blocks of a strictly lower [C, C] A, assembled to [C, C]."""
+    s = min(cm.SUB_BLOCK, a.shape[0])
+    n = a.shape[0] // s
+    blk = lambda i, j: a[i * s:(i + 1) * s, j * s:(j + 1) * s]  # noqa: E731
+    t = cm.block_ut_inverse({(i, j): blk(i, j) for i in range(n) for j in range(i + 1)}, n)
+    z = jnp.zeros((s, s), jnp.float32)
+    return jnp.block([[t[(i, j)] if j <= i else z for j in range(n)] for i in range(n)])
+
+
+@pytest.mark.parametrize("inverse", ["masked", "blocked"])
+@pytest.mark.parametrize("chunk", [16, 64, 128])
 @pytest.mark.parametrize("corr", [0.0, 3.0])
-def test_ut_inverse_matches_float64(chunk, corr):
-    """Correlated keys (k_i.k_j ~ 0.9) make the product form blow up; ours must stay accurate."""
+def test_ut_inverse_matches_float64(inverse, chunk, corr):
+    """Correlated keys (k_i.k_j ~ 0.9) make the product form blow up; ours must stay accurate.
+    "masked": ``cm.ut_inverse`` (whole tile); "blocked": ``cm.block_ut_inverse`` (16 x 16 blocks)."""
     rng = np.random.default_rng(int(chunk + 10 * corr))
     k = rng.standard_normal((chunk, 64)) + corr * rng.standard_normal((1, 64))
     k /= np.linalg.norm(k, axis=1, keepdims=True)
@@ -129,10 +141,11 @@ def test_ut_inverse_matches_float64(chunk, corr):
     gcum = np.cumsum(-0.05 * rng.random(chunk))
     a = jax.jit(cm.strict_a)(jnp.asarray(k, jnp.float32), jnp.asarray(beta, jnp.float32),
                              jnp.asarray(gcum, jnp.float32))
-    t = jax.jit(cm.ut_inverse)(a)
+    t = jax.jit(cm.ut_inverse if inverse == "masked" else _blocked_inverse)(a)
     a64 = np.tril(beta[:, None] * np.exp(gcum[:, None] - gcum[None, :]) * (k @ k.T), -1)
     ref = cm.float64_inverse_check(a64)
     assert rel_err(t, ref) < 2e-6
+    assert np.abs(ref - np.eye(chunk)).max() > 0.1  # T is not close to I: the inverse was exercised
     if corr:
         assert np.abs(a64).max() > 0.5  # the correlated case really is correlated
 
