@@ -119,7 +119,7 @@ def assert_pallas_matches_scan(case, config=None):
 # ------------------------------------------------------------------------------------------------
 
 def _blocked_inverse(a):
-    """cm.block_ut_inverse on the 16 x 16 blocks of a strictly lower [C, C] A, assembled to [C, C]."""
+    """cm.block_ut_inverse on the 16 x 16 blocks of a strictly lower [C, C] A, assembled."""
     s = min(cm.SUB_BLOCK, a.shape[0])
     n = a.shape[0] // s
     blk = lambda i, j: a[i * s:(i + 1) * s, j * s:(j + 1) * s]  # noqa: E731
@@ -133,7 +133,8 @@ def _blocked_inverse(a):
 @pytest.mark.parametrize("corr", [0.0, 3.0])
 def test_ut_inverse_matches_float64(inverse, chunk, corr):
     """Correlated keys (k_i.k_j ~ 0.9) make the product form blow up; ours must stay accurate.
-    "masked": ``cm.ut_inverse`` (whole tile); "blocked": ``cm.block_ut_inverse`` (16 x 16 blocks)."""
+    "masked": ``cm.ut_inverse`` (whole tile); "blocked": ``cm.block_ut_inverse`` (16 x 16
+    blocks)."""
     rng = np.random.default_rng(int(chunk + 10 * corr))
     k = rng.standard_normal((chunk, 64)) + corr * rng.standard_normal((1, 64))
     k /= np.linalg.norm(k, axis=1, keepdims=True)

@@ -84,7 +84,8 @@ class Config:
         if self.bwd not in ("pallas", "xla"):
             raise ValueError(f"Config.bwd must be 'pallas' or 'xla', got {self.bwd!r}")
         if self.ut_kernel not in UT_KERNELS:
-            raise ValueError(f"Config.ut_kernel must be one of {UT_KERNELS}, got {self.ut_kernel!r}")
+            raise ValueError(f"Config.ut_kernel must be one of {UT_KERNELS}, "
+                             f"got {self.ut_kernel!r}")
         if self.ut_num_warps is not None and (self.ut_num_warps < 1 or
                                               self.ut_num_warps & (self.ut_num_warps - 1)):
             raise ValueError("Config.ut_num_warps must be None or a power of two >= 1, got "

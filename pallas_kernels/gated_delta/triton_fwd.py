@@ -71,7 +71,8 @@ def _ut_kernel_blocked(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_prec
     reduction over the whole chunk.  One row block i at a time, so that only the T blocks of the
     rows above stay live:
       1. the Gram blocks K_i K_j^T, j <= i, in one loop over dk (``gram_block_k`` columns a step);
-      2. A_ij = diag(b_i) (e^{G_i - G_j} * K_i K_j^T) for j < i, and A_ii^T (K_i K_i^T is symmetric);
+      2. A_ij = diag(b_i) (e^{G_i - G_j} * K_i K_j^T) for j < i, and A_ii^T (K_i K_i^T is
+         symmetric);
       3. T_ii by forward substitution on the [s, s] tile (``cm.diag_block_inverses``), then
          T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``); stored if ``with_t``;
       4. W_i = sum_{j<=i} T_ij Kb_j and U_i = sum_{j<=i} T_ij Vb_j in loops over dk / dv blocks.
