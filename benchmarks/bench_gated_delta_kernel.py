@@ -3,6 +3,7 @@
 Usage (GPU machine):
   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gated_delta_kernel.py --out DIR
       [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--breakdown] [--sweep] [--budget-s 300]
+      [--ut-kernels masked,blocked]
 
 What it does, in one process:
   1. correctness at every shape: Pallas output (bf16 q/k/v, the timed path) against the float32
@@ -15,6 +16,10 @@ What it does, in one process:
      backward: P^T dO, dS walk, dq/dk/dW, WY part) at --breakdown-shapes (default: all);
   4. --sweep: kernel configurations (--variants, JSON Config fields) at --sweep-shapes (indices),
      until --budget-s seconds since the start have passed.
+--ut-kernels masked,blocked runs 1-3 once per UT kernel (``Config.ut_kernel``; default: the one in
+--config) in the same process, side by side: correctness, fwd and fwd+bwd timing, and (with
+--breakdown) every kernel alone, the UT kernel also without its T output (the inference forward).
+The XLA rows and the references are computed once per shape.
 Inputs are random (never zeros): q, k, v ~ N(0,1) in bf16, g = log_sigmoid(N(0,1)*1.5 + 2.5) (fp32),
 beta = sigmoid(N(0,1)).  The API L2-normalises q, k and scales q by dk**-0.5 for both impls.
 Results: DIR/bench_gated_delta_kernel.json and .md (written after every measurement).
@@ -76,8 +81,9 @@ def make_fns(impl, r):
 
 def breakdown(shape, config, repeats):
     """Times every Pallas kernel alone (inputs prepared as the API does; one segment per row):
-    forward UT transform (T, W, U), state walk (h, v_new), outputs; backward P^T dO, dS walk,
-    dq/dk/dW, WY part."""
+    forward UT transform (T, W, U; ``config.ut_kernel``; also without T, as the inference forward
+    runs it: ut_transform_no_t, not part of the sums), state walk (h, v_new), outputs; backward
+    P^T dO, dS walk, dq/dk/dW, WY part."""
     from mom_jax.ops.common import rows_layout  # noqa: PLC0415
     from pallas_kernels.gated_delta import common as cm  # noqa: PLC0415
     from pallas_kernels.gated_delta import triton_bwd, triton_common, triton_fwd  # noqa: PLC0415
@@ -108,9 +114,12 @@ def breakdown(shape, config, repeats):
         out[name + "_ms"] = time_fn(f, args, repeats)["median_ms"]
         return f(*args)
 
+    ut = dict(ut_precision=config.ut_precision, num_warps=config.ut_warps(), block_k=bk,
+              block_v=pbv, kernel=config.ut_kernel, **prec)
     tm, w, u = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
-        kk, vv, bb, gg, chunk, ut_precision=config.ut_precision, num_warps=config.par_num_warps,
-        block_k=bk, block_v=pbv, **prec), k_ut, vp, beta_t, gcum_t)
+        kk, vv, bb, gg, chunk, **ut), k_ut, vp, beta_t, gcum_t)
+    timed("ut_transform_no_t", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
+        kk, vv, bb, gg, chunk, with_t=False, **ut), k_ut, vp, beta_t, gcum_t)
     hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg: triton_fwd.state_walk(
         kk, ww, uu, gg, None, lo, hi, seg, first, chunk=chunk, num_segments=1, block_v=bv,
         num_warps=config.num_warps, num_stages=config.num_stages, block_k=bk, **prec),
@@ -170,28 +179,32 @@ class Results:
         with open(os.path.join(self.out_dir, "bench_gated_delta_kernel.json"), "w") as f:
             json.dump(self.data, f, indent=1)
         lines = [f"# gated delta rule kernel, {self.data['device']} (jax {self.data['jax']})", "",
-                 "| B,T,H,dk,dv | pallas fwd ms | xla fwd ms | pallas fwd+bwd ms | xla fwd+bwd ms |",
-                 "| --- | --- | --- | --- | --- |"]
-        by = {}
+                 "| B,T,H,dk,dv | UT kernel | pallas fwd ms | xla fwd ms | pallas fwd+bwd ms | "
+                 "xla fwd+bwd ms |", "| --- | --- | --- | --- | --- | --- |"]
+        by, xla = {}, {}
         for r in self.data["timing"]:
-            by.setdefault(r["shape"], {})[(r["impl"], r["what"])] = r["median_ms"]
-        for shape, d in by.items():
-            cells = [d.get((i, w)) for i, w in (("pallas", "fwd"), ("xla", "fwd"),
-                                                 ("pallas", "fwdbwd"), ("xla", "fwdbwd"))]
-            lines.append(f"| {shape} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
-                         + " |")
-        lines += ["", "| B,T,H,dk,dv | o vs fp32 scan | grads vs fp32 XLA (q,k,v,g,beta) | NaN |",
-                  "| --- | --- | --- | --- |"]
+            if r["impl"] == "xla":
+                xla[(r["shape"], r["what"])] = r["median_ms"]
+            else:
+                by.setdefault((r["shape"], r.get("ut_kernel", "-")), {})[r["what"]] = r["median_ms"]
+        for (shape, utk), d in by.items():
+            cells = [d.get("fwd"), xla.get((shape, "fwd")), d.get("fwdbwd"),
+                     xla.get((shape, "fwdbwd"))]
+            lines.append(f"| {shape} | {utk} | "
+                         + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+        lines += ["", "| B,T,H,dk,dv | UT kernel | o vs fp32 scan | grads vs fp32 XLA "
+                  "(q,k,v,g,beta) | NaN |", "| --- | --- | --- | --- | --- |"]
         for r in self.data["correctness"]:
-            lines.append(f"| {r['shape']} | {r.get('o_rel_vs_scan', '-')} | {r.get('grad_rel', '-')} | "
+            lines.append(f"| {r['shape']} | {r.get('ut_kernel', '-')} | "
+                         f"{r.get('o_rel_vs_scan', '-')} | {r.get('grad_rel', '-')} | "
                          f"{r.get('nan', '-')} |")
         if self.data["breakdown"]:
             keys = [k_ for k_ in self.data["breakdown"][0] if k_.endswith("_ms")]
-            lines += ["", "| B,T,H,dk,dv | " + " | ".join(k_[:-3] for k_ in keys) + " |",
-                      "| --- |" + " --- |" * len(keys)]
+            lines += ["", "| B,T,H,dk,dv | UT kernel | " + " | ".join(k_[:-3] for k_ in keys)
+                      + " |", "| --- | --- |" + " --- |" * len(keys)]
             for r in self.data["breakdown"]:
-                lines.append(f"| {r['shape']} | " + " | ".join(f"{r.get(k_, '-')}" for k_ in keys)
-                             + " |")
+                lines.append(f"| {r['shape']} | {r.get('ut_kernel', '-')} | "
+                             + " | ".join(f"{r.get(k_, '-')}" for k_ in keys) + " |")
         if self.data["sweep"]:
             lines += ["", "| config | shape | fwd ms | fwd+bwd ms |", "| --- | --- | --- | --- |"]
             for r in self.data["sweep"]:
@@ -219,9 +232,15 @@ def main():
         '{"bwd_qdo": false}', '{"bwd_num_stages": 1}', '{"block_v": 64}',
         '{"block_v": 16, "num_warps": 4}', '{"par_num_warps": 4}'])
     ap.add_argument("--sweep-shapes", nargs="*", type=int, default=[0, 2])
+    ap.add_argument("--ut-kernels", "--ut_kernels", dest="ut_kernels", default=None,
+                    help="comma-separated Config.ut_kernel values to run side by side, e.g. "
+                         "masked,blocked (default: the --config one)")
     args = ap.parse_args()
     gd_api.set_default_config(dataclasses.replace(gd_api.get_default_config(),
                                                   **json.loads(args.config)))
+    base = gd_api.get_default_config()
+    ut_kernels = args.ut_kernels.split(",") if args.ut_kernels else [base.ut_kernel]
+    ut_configs = {k_: dataclasses.replace(base, ut_kernel=k_) for k_ in ut_kernels}  # validates
     res = Results(args.out)
     print("device:", res.data["device"], "backend:", res.data["backend"], flush=True)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -229,52 +248,74 @@ def main():
     for si, shape in enumerate(shapes):
         name = ",".join(map(str, shape))
         inputs, r = make_inputs(shape)
-        pf, pg = make_fns("pallas", r)
         xf, xg = make_fns("xla", r)
-        if not args.no_check and (args.check_shapes is None or si in args.check_shapes):
-            try:
-                row = {"shape": name}
-                o = pf(*inputs)
-                row["nan"] = bool(jnp.isnan(o).any())
-                ref = scan_reference(inputs)
-                row["o_rel_vs_scan"] = round(rel_err(o, ref), 6)
-                row["xla_o_rel_vs_scan"] = round(rel_err(xf(*inputs), ref), 6)
-                del ref
-                f32_inputs = tuple(x.astype(jnp.float32) for x in inputs)
-                _, gp = pg(*inputs)
-                with jax.default_matmul_precision("highest"):
-                    _, gx = make_fns("xla", r)[1](*f32_inputs)
-                row["grad_rel"] = [round(rel_err(a, b), 6) for a, b in zip(gp, gx)]
-                row["grad_nan"] = bool(any(bool(jnp.isnan(a).any()) for a in gp))
-                res.add("correctness", row)
-            except Exception as e:  # noqa: BLE001
-                res.add("errors", {"shape": name, "stage": "check", "error": repr(e)[:2000]})
-                traceback.print_exc()
-        impls = (("pallas", pf, pg),) + (() if args.skip_xla else (("xla", xf, xg),))
-        for impl, f, g in impls:
-            for what, fn in (("fwd", f), ("fwdbwd", g)):
+        check = not args.no_check and (args.check_shapes is None or si in args.check_shapes)
+        refs = {}  # the fp32 scan output and fp32 XLA gradients, once per shape
+
+        def reference(key):
+            if key not in refs:
+                if key == "o":
+                    refs["o"] = scan_reference(inputs)
+                    refs["xla_o_rel"] = round(rel_err(xf(*inputs), refs["o"]), 6)
+                else:
+                    f32_inputs = tuple(x.astype(jnp.float32) for x in inputs)
+                    with jax.default_matmul_precision("highest"):
+                        refs["grads"] = make_fns("xla", r)[1](*f32_inputs)[1]
+            return refs[key]
+
+        for utk, config in ut_configs.items():
+            gd_api.set_default_config(config)
+            pf, pg = make_fns("pallas", r)  # new jit: traced with this config
+            if check:
                 try:
-                    res.add("timing", dict(shape=name, impl=impl, what=what,
-                                           **time_fn(fn, inputs, args.repeats)))
+                    row = {"shape": name, "ut_kernel": utk}
+                    o = pf(*inputs)
+                    row["nan"] = bool(jnp.isnan(o).any())
+                    row["o_rel_vs_scan"] = round(rel_err(o, reference("o")), 6)
+                    row["xla_o_rel_vs_scan"] = refs["xla_o_rel"]
+                    _, gp = pg(*inputs)
+                    row["grad_rel"] = [round(rel_err(a, b), 6)
+                                       for a, b in zip(gp, reference("grads"))]
+                    row["grad_nan"] = bool(any(bool(jnp.isnan(a).any()) for a in gp))
+                    res.add("correctness", row)
                 except Exception as e:  # noqa: BLE001
-                    res.add("errors", {"shape": name, "impl": impl, "what": what,
+                    res.add("errors", {"shape": name, "ut_kernel": utk, "stage": "check",
                                        "error": repr(e)[:2000]})
                     traceback.print_exc()
+            for what, fn in (("fwd", pf), ("fwdbwd", pg)):
+                try:
+                    res.add("timing", dict(shape=name, impl="pallas", ut_kernel=utk, what=what,
+                                           **time_fn(fn, inputs, args.repeats)))
+                except Exception as e:  # noqa: BLE001
+                    res.add("errors", {"shape": name, "impl": "pallas", "ut_kernel": utk,
+                                       "what": what, "error": repr(e)[:2000]})
+                    traceback.print_exc()
+        gd_api.set_default_config(base)
+        refs.clear()
+        for what, fn in (() if args.skip_xla else (("fwd", xf), ("fwdbwd", xg))):
+            try:
+                res.add("timing", dict(shape=name, impl="xla", what=what,
+                                       **time_fn(fn, inputs, args.repeats)))
+            except Exception as e:  # noqa: BLE001
+                res.add("errors", {"shape": name, "impl": "xla", "what": what,
+                                   "error": repr(e)[:2000]})
+                traceback.print_exc()
 
     if args.breakdown:
         for i in (range(len(shapes)) if args.breakdown_shapes is None else args.breakdown_shapes):
             if i >= len(shapes):
                 continue
             name = ",".join(map(str, shapes[i]))
-            try:
-                res.add("breakdown", dict(shape=name, **breakdown(shapes[i], gd_api.get_default_config(),
-                                                                 args.repeats)))
-            except Exception as e:  # noqa: BLE001
-                res.add("errors", {"shape": name, "stage": "breakdown", "error": repr(e)[:1500]})
-                traceback.print_exc()
+            for utk, config in ut_configs.items():
+                try:
+                    res.add("breakdown", dict(shape=name, ut_kernel=utk,
+                                              **breakdown(shapes[i], config, args.repeats)))
+                except Exception as e:  # noqa: BLE001
+                    res.add("errors", {"shape": name, "ut_kernel": utk, "stage": "breakdown",
+                                       "error": repr(e)[:1500]})
+                    traceback.print_exc()
 
     if args.sweep:
-        base = gd_api.get_default_config()
         variants = [json.loads(v) for v in args.variants]
         sweep_shapes = [shapes[i] for i in args.sweep_shapes if i < len(shapes)]
         for var in variants:

@@ -118,10 +118,23 @@ def assert_pallas_matches_scan(case, config=None):
 # triangular inverse
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [16, 64])
+def _blocked_inverse(a):
+    """cm.block_ut_inverse on the 16 x 16 blocks of a strictly lower [C, C] A, assembled."""
+    s = min(cm.SUB_BLOCK, a.shape[0])
+    n = a.shape[0] // s
+    blk = lambda i, j: a[i * s:(i + 1) * s, j * s:(j + 1) * s]  # noqa: E731
+    t = cm.block_ut_inverse({(i, j): blk(i, j) for i in range(n) for j in range(i + 1)}, n)
+    z = jnp.zeros((s, s), jnp.float32)
+    return jnp.block([[t[(i, j)] if j <= i else z for j in range(n)] for i in range(n)])
+
+
+@pytest.mark.parametrize("inverse", ["masked", "blocked"])
+@pytest.mark.parametrize("chunk", [16, 64, 128])
 @pytest.mark.parametrize("corr", [0.0, 3.0])
-def test_ut_inverse_matches_float64(chunk, corr):
-    """Correlated keys (k_i.k_j ~ 0.9) make the product form blow up; ours must stay accurate."""
+def test_ut_inverse_matches_float64(inverse, chunk, corr):
+    """Correlated keys (k_i.k_j ~ 0.9) make the product form blow up; ours must stay accurate.
+    "masked": ``cm.ut_inverse`` (whole tile); "blocked": ``cm.block_ut_inverse`` (16 x 16
+    blocks)."""
     rng = np.random.default_rng(int(chunk + 10 * corr))
     k = rng.standard_normal((chunk, 64)) + corr * rng.standard_normal((1, 64))
     k /= np.linalg.norm(k, axis=1, keepdims=True)
@@ -129,10 +142,11 @@ def test_ut_inverse_matches_float64(chunk, corr):
     gcum = np.cumsum(-0.05 * rng.random(chunk))
     a = jax.jit(cm.strict_a)(jnp.asarray(k, jnp.float32), jnp.asarray(beta, jnp.float32),
                              jnp.asarray(gcum, jnp.float32))
-    t = jax.jit(cm.ut_inverse)(a)
+    t = jax.jit(cm.ut_inverse if inverse == "masked" else _blocked_inverse)(a)
     a64 = np.tril(beta[:, None] * np.exp(gcum[:, None] - gcum[None, :]) * (k @ k.T), -1)
     ref = cm.float64_inverse_check(a64)
     assert rel_err(t, ref) < 2e-6
+    assert np.abs(ref - np.eye(chunk)).max() > 0.1  # T is not close to I: the inverse was exercised
     if corr:
         assert np.abs(a64).max() > 0.5  # the correlated case really is correlated
 
@@ -140,6 +154,91 @@ def test_ut_inverse_matches_float64(chunk, corr):
 # ------------------------------------------------------------------------------------------------
 # Triton kernels (interpret mode on CPU)
 # ------------------------------------------------------------------------------------------------
+
+def _ut_case(chunk, dk, dv, seed):
+    """Three chunks of one head (k [3, C, dk], v [3, C, dv], beta, G [3, C]; float32 values held
+    as float64, so that the reference sees exactly the kernel's inputs):
+    0: independent keys, sigmoid beta, mild decay; 1: zero beta on every third row and on the
+    second 16-row block (if any), and log-decay -100 at every eighth position (from 3 on: the
+    groups straddle the 16-row blocks), so e^{G_i - G_j} underflows in float32 across two such
+    steps; 2: correlated keys (k_i.k_j ~ 0.9) with beta = 1."""
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((3, chunk, dk))
+    k[2] += 3.0 * rng.standard_normal(dk)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((3, chunk, dv))
+    beta = 1 / (1 + np.exp(-rng.standard_normal((3, chunk))))
+    beta[1, ::3] = 0.0
+    beta[1, 16:32] = 0.0
+    beta[2] = 1.0
+    g = -0.05 * rng.random((3, chunk))
+    g[1, 3::8] = -100.0
+    f32 = lambda x: x.astype(np.float32).astype(np.float64)  # noqa: E731
+    return f32(k), f32(v), f32(beta), f32(np.cumsum(g, axis=1))
+
+
+def _ut_reference(k, v, beta, gcum):
+    """float64 T = (I + A)^-1, W = T diag(b e^G) K, U = T diag(b) V of one chunk."""
+    strict = np.tri(len(beta), k=-1, dtype=bool)
+    decay = np.where(strict, np.exp(np.where(strict, gcum[:, None] - gcum[None, :], 0.0)), 0.0)
+    t = cm.float64_inverse_check(beta[:, None] * decay * (k @ k.T))
+    return t, t @ ((beta * np.exp(gcum))[:, None] * k), t @ (beta[:, None] * v)
+
+
+@pytest.mark.parametrize("kernel", ["blocked", "masked"])
+@pytest.mark.parametrize("chunk,dk", [(64, 64), (64, 128), (64, 256), (32, 128), (16, 64),
+                                      (128, 64)])
+def test_ut_kernel_matches_float64(kernel, chunk, dk):
+    """T, W and U of the UT kernel (interpret mode, float32) against float64 NumPy, chunk by
+    chunk: zero-beta rows, decays that underflow, correlated keys; with_t=False gives the same
+    W and U."""
+    from pallas_kernels.gated_delta import triton_fwd  # noqa: PLC0415
+    dv = 32
+    k, v, beta, gcum = _ut_case(chunk, dk, dv, seed=chunk + dk)
+    f32 = lambda x, d: jnp.asarray(x.reshape(1, 3 * chunk, 1, d), jnp.float32)  # noqa: E731
+    args = (f32(k, dk), f32(v, dv), jnp.asarray(beta.reshape(1, 1, -1), jnp.float32),
+            jnp.asarray(gcum.reshape(1, 1, -1), jnp.float32))
+    run_ut = lambda with_t: jax.jit(functools.partial(  # noqa: E731
+        triton_fwd.ut_transform, chunk=chunk, interpret=True, kernel=kernel, with_t=with_t,
+        block_k=32, block_v=16))(*args)
+    t, w, u = run_ut(True)
+    for x in range(3):
+        rows = slice(x * chunk, (x + 1) * chunk)
+        t_ref, w_ref, u_ref = _ut_reference(k[x], v[x], beta[x], gcum[x])
+        assert rel_err(t[0, 0, rows], t_ref) < 3e-6, x
+        assert rel_err(w[0, rows, 0], w_ref) < 3e-6, x
+        assert rel_err(u[0, rows, 0], u_ref) < 3e-6, x
+    t_none, w2, u2 = run_ut(False)
+    assert t_none is None
+    np.testing.assert_array_equal(np.asarray(w2), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(u2), np.asarray(u))
+
+
+def test_ut_kernel_config():
+    """Config.ut_kernel names exactly the kernels triton_fwd has; anything else is an error, and
+    the warps default to 1 for the blocked kernel."""
+    from pallas_kernels.gated_delta import triton_fwd  # noqa: PLC0415
+    assert set(gd_api.UT_KERNELS) == set(triton_fwd.UT_KERNELS)
+    assert gd_api.Config().ut_kernel == "blocked" and gd_api.Config().ut_warps() == 1
+    assert gd_api.Config(ut_kernel="masked").ut_warps() == gd_api.Config().par_num_warps
+    assert gd_api.Config(ut_num_warps=2).ut_warps() == 2
+    with pytest.raises(ValueError, match="ut_kernel"):
+        gd_api.Config(ut_kernel="fla")
+    with pytest.raises(ValueError, match="ut_num_warps"):
+        gd_api.Config(ut_num_warps=3)
+    with pytest.raises(ValueError, match="unknown UT kernel"):
+        triton_fwd.ut_transform(*[jnp.zeros((1, 16, 1, 16))] * 2, *[jnp.zeros((1, 1, 16))] * 2, 16,
+                                interpret=True, kernel="fla")
+
+
+@pytest.mark.parametrize("ut_kernel", ["blocked", "masked"])
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_ut_kernels_end_to_end(ut_kernel, chunk):
+    """Both UT kernels inside the whole forward and backward at chunk 32 / 64 (several 16-row
+    blocks per chunk): packed layout with empty and short segments, unused chunks, initial state."""
+    case = make_case("packed", chunk=chunk, seed=31)
+    assert_pallas_matches_scan(case, gd_api.Config(ut_kernel=ut_kernel))
+
 
 @pytest.mark.parametrize("name,gated,init", [("long", True, True), ("packed", True, True),
                                              ("packed", False, False), ("split_runs", True, True)])
@@ -302,15 +401,19 @@ def _abstract_args(b=1, nc=4, h=2, dk=128, dv=128, s=2):
             sds((b, nc), jnp.int32))
 
 
-def test_triton_kernels_lower_for_cuda(monkeypatch):
-    """Forward and backward Triton kernels lower to Triton IR for an H100 without a GPU."""
+@pytest.mark.parametrize("ut_kernel", ["blocked", "masked"])
+def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
+    """Forward and backward Triton kernels lower to Triton IR for an H100 without a GPU, with
+    either UT kernel (chunk 64: four 16-row blocks in the blocked one)."""
     monkeypatch.setattr(gd_api, "_interpret", lambda: False)
     with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100 80GB HBM3", "gpu")):
-        lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton"))).trace(
+        lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton", ut_kernel=ut_kernel))).trace(
             *_abstract_args()).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # UT transform, forward state walk, outputs; backward: P^T dO, state walk, dq/dk/dW, WY
     assert text.count("__gpu$xla.gpu.triton") == 7
+    assert ("gdn_ut_transform_blocked" in text) == (ut_kernel == "blocked")
+    assert "gdn_ut_transform" in text
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from mom_jax.ops.common import PackedLayout
 from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
+UT_KERNELS = ("blocked", "masked")  # keys of triton_fwd.UT_KERNELS (not imported here: lazy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,20 @@ class Config:
       tf32 -> HIGH, else HIGHEST.
     ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
       Interpret mode is always float32.
+    ut_kernel: the Triton UT transform (T = (I + A)^-1, W, U per chunk): "blocked" (16 x 16
+      blocks read straight from the refs, diagonal blocks by forward substitution on 16 x 16
+      tiles, off-diagonal blocks by block substitution; one warp per program) or "masked" (the
+      earlier kernel: whole C x C tiles, 15 masked full-tile substitution steps, then merges).
+      Same results up to rounding; see benchmarks/NOTES_kernels.md for the timings.
+    ut_num_warps: warps of a UT transform program (None: 1 for "blocked", whose tiles are all
+      16 rows high and would only be replicated across more warps; par_num_warps for "masked").
     block_v: value-dimension block of a sequential walk program (None: min(dv, 32)).
     par_block_v: value block that the chunk-parallel kernels loop over inside a program.
     block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
       splits dk into blocks of this size).
     num_warps, num_stages: the two sequential walks (forward state walk, backward dS walk).
-    par_num_warps: the chunk-parallel kernels (UT transform, outputs, dq/dk/dW, WY backward).
+    par_num_warps: the chunk-parallel kernels (outputs, dq/dk/dW, WY backward; the UT transform
+      with ut_kernel="masked" unless ut_num_warps is set).
     bwd: "pallas" (Triton: a sequential dS walk, then two chunk-parallel gradient kernels) or
       "xla" (VJP of the chunked XLA form).  Mosaic always uses "xla".
     bwd_block_v: value block of the backward dS walk (None: block_v).
@@ -58,6 +67,8 @@ class Config:
     backend: str = "auto"
     precision: str = "bf16"
     ut_precision: str = "tf32x3"
+    ut_kernel: str = "blocked"
+    ut_num_warps: int | None = None
     block_v: int | None = None
     block_k: int = 64
     num_warps: int = 8
@@ -72,6 +83,19 @@ class Config:
     def __post_init__(self):
         if self.bwd not in ("pallas", "xla"):
             raise ValueError(f"Config.bwd must be 'pallas' or 'xla', got {self.bwd!r}")
+        if self.ut_kernel not in UT_KERNELS:
+            raise ValueError(f"Config.ut_kernel must be one of {UT_KERNELS}, "
+                             f"got {self.ut_kernel!r}")
+        if self.ut_num_warps is not None and (self.ut_num_warps < 1 or
+                                              self.ut_num_warps & (self.ut_num_warps - 1)):
+            raise ValueError("Config.ut_num_warps must be None or a power of two >= 1, got "
+                             f"{self.ut_num_warps!r}")
+
+    def ut_warps(self) -> int:
+        """Warps of a UT transform program (resolves ``ut_num_warps=None``)."""
+        if self.ut_num_warps is not None:
+            return self.ut_num_warps
+        return 1 if self.ut_kernel == "blocked" else self.par_num_warps
 
 
 DEFAULT_CONFIG = Config()
@@ -146,10 +170,11 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     lo, hi, seg, first = cm.segment_ranges(layout)
     store = for_bwd and config.bwd == "pallas"
     t, w, u = triton_fwd.ut_transform(k_ut, vp, beta_t, gcum_t, chunk, interpret=interpret,
-                                      num_warps=config.par_num_warps,
+                                      num_warps=config.ut_warps(),
                                       ut_precision=config.ut_precision,
                                       precision=config.precision, with_t=store,
-                                      block_k=block_k, block_v=par_block_v)
+                                      block_k=block_k, block_v=par_block_v,
+                                      kernel=config.ut_kernel)
     h, v_new, final = triton_fwd.state_walk(
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,

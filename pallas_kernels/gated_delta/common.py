@@ -12,6 +12,12 @@ block doubling  X <- X - X L X  (L = the strictly-block-lower part of A at the n
 block forward substitution, as stable as the scalar one.  The product form (I+N)(I+N^2)(I+N^4)... is
 *not* used: with correlated keys (k_i.k_j ~ 0.9, common after the SiLU short conv) the powers N^(2^m)
 grow to ~1e9 while T stays O(1), and float32 results are garbage (see NOTES_kernels.md).
+
+The blocked form (``diag_block_inverses`` + ``block_row_of_inverse``, composed in
+``block_ut_inverse``; used by the Triton UT kernel ``ut_kernel="blocked"``) never forms the C x C
+tile: it takes A as 16 x 16 blocks A_ij (j <= i), inverts each diagonal block on its own 16 x 16
+tile (row forward substitution) and builds the off-diagonal blocks by block forward substitution,
+T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj, one row block of T after the other.
 """
 from __future__ import annotations
 
@@ -78,6 +84,63 @@ def ut_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST, sub: int = SUB
         lo = jnp.where(low, a, 0.0)
         x = x - mm(x, mm(lo, x, precision), precision)
     return x
+
+
+def diag_block_inverses(a_ts: list) -> list:
+    """(I + A_b)^-1 for several small strictly lower-triangular float32 blocks, each given as its
+    transpose: ``a_ts[b]`` = A_b^T [s, s] (zero on and below the diagonal).  Returns the list of
+    float32 [s, s] inverses (unit lower triangular).
+
+    Row forward substitution, all blocks in the same step: row r of T_b is
+    e_r - sum_{j<r} A_b[r, j] T_b[j, :], and rows j < r are final at step r.  Taking A^T lets the
+    row A_b[r, :] come out of one reduction already laid out along axis 0 (it does not depend on
+    the loop carry, so only the second reduction is on the sequential chain).  Elementwise float32
+    only (no dots): exact forward substitution.  Works inside Pallas Triton kernel bodies."""
+    s = a_ts[0].shape[0]
+    row, col = iota2(s, s, 0), iota2(s, s, 1)
+    eye = jnp.where(row == col, 1.0, 0.0).astype(F32)
+
+    def step(r, xs):
+        out = []
+        for a_t, x in zip(a_ts, xs):
+            a_r = jnp.sum(jnp.where(col == r, a_t, 0.0), axis=1)        # [s]: A[r, j] along j
+            contrib = jnp.sum(a_r[:, None] * x, axis=0)                 # sum_j A[r, j] T[j, :]
+            out.append(x - jnp.where(row == r, contrib[None, :], 0.0))
+        return tuple(out)
+
+    return list(jax.lax.fori_loop(1, s, step, tuple(eye for _ in a_ts)))
+
+
+def block_row_of_inverse(a_row: list, t: dict, i: int,
+                         precision=jax.lax.Precision.HIGHEST) -> list:
+    """Off-diagonal blocks of row block i of T = (I + A)^-1, by block forward substitution:
+    T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj for j = i-1, ..., 0.
+
+    a_row: [A_i0, ..., A_i(i-1)] float32 [s, s]; t: {(m, j): T_mj} for every j <= m < i and
+    (i, i): T_ii.  Returns [T_i0, ..., T_i(i-1)] float32 [s, s] (i - j + 1 dots per block, in
+    ``precision``).  Row blocks in order need only the rows above them: a kernel can form T, and
+    use it, one row block at a time."""
+    out = [None] * i
+    for j in range(i - 1, -1, -1):
+        acc = None
+        for m in range(j, i):
+            part = mm(a_row[m], t[(m, j)], precision)
+            acc = part if acc is None else acc + part
+        out[j] = -mm(t[(i, i)], acc, precision)
+    return out
+
+
+def block_ut_inverse(a_blocks: dict, n: int, precision=jax.lax.Precision.HIGHEST) -> dict:
+    """Blocks {(i, j): T_ij, j <= i < n} of T = (I + A)^-1 from the blocks {(i, j): A_ij, j <= i}
+    (float32 [s, s]; the diagonal blocks strictly lower) of a strictly lower-triangular A: the
+    composition of ``diag_block_inverses`` and ``block_row_of_inverse`` that the blocked Triton UT
+    kernel runs, as one function (tests compare it with a float64 inverse)."""
+    t = {}
+    for i in range(n):
+        t[(i, i)] = diag_block_inverses([a_blocks[(i, i)].T])[0]
+        row = block_row_of_inverse([a_blocks[(i, m)] for m in range(i)], t, i, precision)
+        t.update({(i, j): x for j, x in enumerate(row)})
+    return t
 
 
 def strict_a(k: jax.Array, beta: jax.Array, gcum: jax.Array, precision=jax.lax.Precision.HIGHEST):

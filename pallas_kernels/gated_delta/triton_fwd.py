@@ -1,7 +1,9 @@
 """Forward kernels of the chunked gated delta rule in Pallas with Triton lowering (GPU).
 
 Three launches (notation of ``common``; Kb = diag(b e^G) K, Vb = diag(b) V):
-  1. ``ut_transform`` (chunk-parallel, grid (B, Nc, H)): T = (I + A)^-1, W = T Kb, U = T Vb.
+  1. ``ut_transform`` (chunk-parallel, grid (B, Nc, H)): T = (I + A)^-1, W = T Kb, U = T Vb, by
+     one of two kernels: ``_ut_kernel_blocked`` (16 x 16 blocks, one warp; the default) or
+     ``_ut_kernel`` ("masked": whole C x C tiles).
   2. ``state_walk`` (grid (B*S, H, dv/BV)): each program walks the chunks of its segment in order
      with the [dk, BV] float32 state S (held as dk/BK tiles) in registers, applying the segment's
      initial state (or zero) at the chunk that starts a run and writing the segment's final state at
@@ -34,6 +36,9 @@ resolve_precision = tc.resolve_precision  # kept importable from here
 
 def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, precision, block_k,
                block_v):
+    """The "masked" UT kernel: A = strict(K K^T * gating) as one [C, C] tile, T = ``cm.ut_inverse``
+    (15 masked full-tile substitution steps, then merges), W = T Kb and U = T Vb as [C, C] x
+    [C, block] dots.  Refs: k [C, dk], v [C, dv], beta, g [C]; outputs ([T [C, C]], W, U)."""
     t_ref, w_ref, u_ref = out_refs if with_t else (None, *out_refs)
     c, dk = k_ref.shape
     rows = pl.ds(0, c)
@@ -59,16 +64,86 @@ def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, p
     tc.fori_blocks(v_ref.shape[1], block_v, value_block, 0)
 
 
+def _ut_kernel_blocked(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, precision,
+                       block_k, block_v, gram_block_k):
+    """Same outputs as ``_ut_kernel``, computed on s x s blocks (s = 16; n = C/s row blocks, each
+    read straight from the refs as K_i = k_ref[16 i : 16 i + 16, :]): no C x C tile and no masked
+    reduction over the whole chunk.  One row block i at a time, so that only the T blocks of the
+    rows above stay live:
+      1. the Gram blocks K_i K_j^T, j <= i, in one loop over dk (``gram_block_k`` columns a step);
+      2. A_ij = diag(b_i) (e^{G_i - G_j} * K_i K_j^T) for j < i, and A_ii^T (K_i K_i^T is
+         symmetric);
+      3. T_ii by forward substitution on the [s, s] tile (``cm.diag_block_inverses``), then
+         T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``); stored if ``with_t``;
+      4. W_i = sum_{j<=i} T_ij Kb_j and U_i = sum_{j<=i} T_ij Vb_j in loops over dk / dv blocks.
+    Every tile is [s, s] or [s, block]: these are Triton dots with M = 16, which every warp of the
+    program computes whole (the mma layout cannot split 16 rows), so this kernel wants 1 warp."""
+    t_ref, w_ref, u_ref = out_refs if with_t else (None, *out_refs)
+    c, dk = k_ref.shape
+    dv = v_ref.shape[1]
+    s = min(cm.SUB_BLOCK, c)
+    n = c // s
+    rows = [pl.ds(i * s, s) for i in range(n)]
+    upper = cm.iota2(s, s, 1) > cm.iota2(s, s, 0)
+    zeros = jnp.zeros((s, s), F32)
+    t = {}
+    for i in range(n):
+        beta_i, g_i = beta_ref[rows[i]].astype(F32), g_ref[rows[i]]
+
+        def gram_block(col, accs, i=i):
+            k_i = k_ref[rows[i], col]
+            return tuple(acc + cm.mm(k_i, k_ref[rows[j], col], ut_precision, tb=True)
+                         for j, acc in enumerate(accs))
+
+        kk = tc.fori_blocks(dk, gram_block_k, gram_block, (zeros,) * (i + 1))
+        a_row = [beta_i[:, None] * jnp.exp(g_i[:, None] - g_ref[rows[j]][None, :]) * kk[j]
+                 for j in range(i)]             # block col j < block row i: every entry is j' < i'
+        a_t = jnp.where(upper, beta_i[None, :] * kk[i] *              # A_ii^T, strictly upper
+                        jnp.exp(jnp.where(upper, g_i[None, :] - g_i[:, None], 0.0)), 0.0)
+        t[(i, i)] = cm.diag_block_inverses([a_t])[0]
+        t.update({(i, j): x for j, x in enumerate(
+            cm.block_row_of_inverse(a_row, t, i, ut_precision))})
+        if t_ref is not None:
+            for j in range(n):
+                t_ref[rows[i], pl.ds(j * s, s)] = t[(i, j)] if j <= i else zeros
+
+        def apply_row(src_ref, dst_ref, scale, i=i):
+            def body(col, carry):
+                acc = None
+                for j in range(i + 1):
+                    part = cm.mm(t[(i, j)], src_ref[rows[j], col] * scale(j), precision)
+                    acc = part if acc is None else acc + part
+                dst_ref[rows[i], col] = acc.astype(dst_ref.dtype)
+                return carry
+            return body
+
+        def beta_eg(j):
+            return (beta_ref[rows[j]].astype(F32) * jnp.exp(g_ref[rows[j]]))[:, None]
+
+        tc.fori_blocks(dk, block_k, apply_row(k_ref, w_ref, beta_eg), 0)
+        tc.fori_blocks(dv, block_v, apply_row(
+            v_ref, u_ref, lambda j: beta_ref[rows[j]].astype(F32)[:, None]), 0)
+
+
+UT_KERNELS = {"masked": _ut_kernel, "blocked": _ut_kernel_blocked}
+
+
 def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
                  ut_precision: str = "tf32x3", precision: str = "bf16", with_t: bool = True,
-                 block_k: int = 64, block_v: int = 64):
+                 block_k: int = 64, block_v: int = 64, kernel: str = "blocked",
+                 gram_block_k: int = 16):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L] float32 ->
     (T [B, H, L, C] float32 or None, W [B, L, H, dk], U [B, L, H, dv] float32).
 
     W is stored in ``tc.operand_dtype(precision)`` (it is only a dot operand later).
     ut_precision: dots of A = K K^T and of the inverse, "tf32x3" (three tf32 tensor-core passes,
     ~fp32 accuracy) or "ieee" (FMA dots; these spill heavily at dk >= 128, see NOTES_kernels.md).
-    precision: dots W = T Kb and U = T Vb."""
+    precision: dots W = T Kb and U = T Vb.
+    kernel: "blocked" (``_ut_kernel_blocked``: 16 x 16 blocks) or "masked" (``_ut_kernel``: whole
+    C x C tiles, ``cm.ut_inverse``); same outputs up to rounding.
+    gram_block_k: (blocked only) key columns per step of the K_i K_j^T loop."""
+    if kernel not in UT_KERNELS:
+        raise ValueError(f"unknown UT kernel {kernel!r}; one of {sorted(UT_KERNELS)}")
     b, l, h, dk = k.shape
     dv = v.shape[-1]
     nc = l // chunk
@@ -80,8 +155,9 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     if with_t:
         out_shape.insert(0, jax.ShapeDtypeStruct((b, h, l, chunk), F32))
         out_specs.insert(0, pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0)))
+    extra = dict(gram_block_k=min(gram_block_k, dk)) if kernel == "blocked" else {}
     outs = pl.pallas_call(
-        functools.partial(_ut_kernel, with_t=with_t,
+        functools.partial(UT_KERNELS[kernel], with_t=with_t, **extra,
                           ut_precision=resolve_precision(ut_precision, interpret),
                           precision=resolve_precision(precision, interpret),
                           block_k=min(block_k, dk), block_v=min(block_v, dv)),
@@ -91,7 +167,7 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
         out_specs=tuple(out_specs),
         compiler_params=tc.triton_params(num_warps, 1),
         interpret=interpret,
-        name="gdn_ut_transform",
+        name="gdn_ut_transform" if kernel == "masked" else f"gdn_ut_transform_{kernel}",
     )(k, v, beta_t, gcum_t)
     return tuple(outs) if with_t else (None, *outs)
 
