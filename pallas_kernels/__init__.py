@@ -5,8 +5,8 @@ from mom_jax.ops import register_pallas_kernel, register_pallas_step_kernel
 from pallas_kernels import decode_step as _decode_step
 from pallas_kernels.gated_delta import api as _gd_api
 
-register_pallas_kernel("gated_delta", _gd_api.gated_delta_kernel)
-register_pallas_kernel("delta", _gd_api.delta_kernel)
+register_pallas_kernel("gated_delta", _gd_api.gated_delta_kernel, qk_l2norm=True)
+register_pallas_kernel("delta", _gd_api.delta_kernel, qk_l2norm=True)
 register_pallas_step_kernel(_decode_step.step_in_place, _decode_step.supported)
 
 __all__ = ["register_pallas_kernel"]
