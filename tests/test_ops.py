@@ -561,23 +561,20 @@ def test_qk_l2norm_errors():
         ecall("gla", x, "pallas", use_qk_l2norm=True)
 
 
-def test_qk_l2norm_pallas_needs_a_static_scale():
-    """The Pallas kernel applies the scale at trace time: a traced scale cannot reach it."""
+def test_qk_l2norm_pallas_traced_scale():
+    """The Pallas kernel applies the scale at trace time: with a traced scale packed_recurrence
+    applies the features in XLA before the kernel instead; the kernel entry itself refuses it."""
     layout16 = PackedLayout(jnp.zeros((1, 1), jnp.int32), 1, 16)
     x16 = _small(t=16)
 
-    def traced(s, on):
+    def traced(s, on, impl="pallas"):
         return ops.packed_recurrence("gated_delta", x16["q"], x16["k"], x16["v"], g=x16["g"],
                                      beta=x16["beta"], layout=layout16, use_qk_l2norm=on, scale=s,
-                                     impl="pallas")[0]
+                                     impl=impl)[0]
 
-    with pytest.raises(ValueError, match="needs a static .*scale"):
-        jax.jit(traced, static_argnums=1)(0.5, True)
-    # without the normalisation a traced scale is applied in XLA before the kernel, as before
-    o = jax.jit(traced, static_argnums=1)(0.5, False)
-    o_ref = ops.packed_recurrence("gated_delta", x16["q"] * 0.5, x16["k"], x16["v"], g=x16["g"],
-                                  beta=x16["beta"], layout=layout16, impl="scan")[0]
-    assert_close(o, o_ref)
+    for on in (True, False):
+        o = jax.jit(traced, static_argnums=1)(0.5, on)
+        assert_close(o, traced(0.5, on, "scan"), what=f"use_qk_l2norm={on}")
     from pallas_kernels.gated_delta import api as gd_api  # noqa: PLC0415
     with pytest.raises(ValueError, match="scale must be a static Python number"):
         jax.jit(lambda s: gd_api.gated_delta_packed(

@@ -192,8 +192,9 @@ def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLa
         (padding slots) stay zero.  impl "scan"/"xla" normalise with jnp at the entry; the Pallas
         gated delta kernel normalises in its pre-pass and applies the L2-norm Jacobian in its
         custom VJP (``pallas_kernels.gated_delta.api``).
-      scale: q scale, applied after the normalisation (default 1.0: q as given).  A Python
-        number; impl "pallas" with use_qk_l2norm needs it static (not traced).
+      scale: q scale, applied after the normalisation (default 1.0: q as given).  A number;
+        the Pallas kernel applies it (and the normalisation) itself only when it is static (a
+        Python number), else XLA does before the kernel.
     Returns:
       o: [B, L, H, dv] float32; final: [B, S, H, dk, dv] float32 (None unless output_final_state).
     """
@@ -204,9 +205,8 @@ def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLa
         if kernel.qk_l2norm and static_scale is not None:
             return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state,
                              use_qk_l2norm=use_qk_l2norm, scale=static_scale)
-        if kernel.qk_l2norm and use_qk_l2norm:
-            raise ValueError("packed_recurrence: impl='pallas' with use_qk_l2norm=True needs a "
-                             "static (Python number) scale, got a traced value")
+        # A kernel that does not normalise itself, or a traced scale (the kernel needs it at
+        # trace time): the features in XLA before the kernel (the same function, not fused).
         q, k = common.qk_features(q, k, use_qk_l2norm, scale)
         return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state)
     q, k = common.qk_features(q, k, use_qk_l2norm, scale)

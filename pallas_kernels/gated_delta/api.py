@@ -9,9 +9,10 @@ state or None).
 q/k L2-norm in the op (``use_qk_l2norm=True``: q <- l2norm(q) * scale, k <- l2norm(k), eps 1e-6).
 This is the scheme of flash-linear-attention's ``use_qk_l2norm_in_kernel``: the normalisation is
 part of the op's forward and backward, not re-done inside each kernel's loads.  Here it runs in
-the XLA pre-pass ``_prepare`` (the same fusion that pads the head dims to powers of two and casts
-q/k to the kernels' operand dtype), which also keeps the per-row inverse norms rstd ([B, L, H]
-float32).  The custom VJP keeps the raw q/k and rstd (not a float32 normalised copy) and applies the
+the XLA pre-pass ``_prepare``, on the same elementwise path as the padding of the head dims to
+powers of two and the cast to the kernels' operand dtype (so XLA can do all of it in one pass over
+q/k; how it fuses the row reduction is its choice, not checked on a GPU yet), and yields the
+per-row inverse norms rstd ([B, L, H] float32).  The custom VJP keeps the raw q/k and rstd (not a float32 normalised copy) and applies the
 L2-norm Jacobian dx = rstd * (dy - y <dy, y>) (y = x * rstd, dy including the q scale) to dq/dk in
 the same XLA pass that slices off the head-dim padding.  fla saves the normalised q/k instead of
 the raw ones; the Jacobian is the same.  The kernels themselves do not normalise: every kernel tiles
@@ -181,7 +182,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     dk, dv = q.shape[-1], v.shape[-1]
     interpret = _interpret()
     backend = _backend(config)
-    if backend == "mosaic":  # the features fuse into the kernel's head-major transposes
+    if backend == "mosaic":  # the features next to the kernel's head-major transposes (XLA)
         qn, kn, rstd = _qk_in(q, k, qk_norm, scale)
         o, final = mosaic.gated_delta_fwd(qn, kn, v, g, beta, layout, init, interpret=interpret,
                                           block_v=config.block_v if config.block_v and
