@@ -93,7 +93,7 @@ def breakdown(shape, config, repeats):
     q = ops_common.l2norm(q) * dk ** -0.5
     k = ops_common.l2norm(k)
     layout = rows_layout(b, t, chunk)
-    qp, kp, vp, beta_t, gcum_t, _ = gd_api._prepare(q, k, v, g, beta, None, chunk)
+    qp, kp, vp, beta_t, gcum_t, _, _ = gd_api._prepare(q, k, v, g, beta, None, chunk)
     interp = gd_api._interpret()
     op = triton_common.operand_dtype(config.precision, interp)
     k_ut = kp

@@ -6,8 +6,8 @@ from pallas_kernels import decode_features as _decode_features
 from pallas_kernels import decode_step as _decode_step
 from pallas_kernels.gated_delta import api as _gd_api
 
-register_pallas_kernel("gated_delta", _gd_api.gated_delta_kernel)
-register_pallas_kernel("delta", _gd_api.delta_kernel)
+register_pallas_kernel("gated_delta", _gd_api.gated_delta_kernel, qk_l2norm=True)
+register_pallas_kernel("delta", _gd_api.delta_kernel, qk_l2norm=True)
 register_pallas_step_kernel(_decode_step.step_in_place, _decode_step.supported,
                             features=_decode_features.step_features_in_place)
 

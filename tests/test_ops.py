@@ -446,6 +446,149 @@ def test_bf16_inputs(rule, varlen):
 
 
 # ------------------------------------------------------------------------------------------------
+# q/k L2-norm inside the op (use_qk_l2norm) vs the op on inputs the test normalised itself
+# ------------------------------------------------------------------------------------------------
+
+def _test_l2norm(x):
+    """The test's own L2 normalisation (float32, eps 1e-6), differentiated by JAX."""
+    x = jnp.asarray(x).astype(jnp.float32)
+    return x / jnp.sqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
+
+
+# varlen: an empty first sequence, 9 tokens, 31 (two chunks), an empty one, 21 (two chunks)
+QK_CU = np.array([0, 0, 9, 40, 40, 61], np.int32)
+QK_IMPLS = [(rule, impl) for impl in ("scan", "xla") for rule in RULES] + [
+    (rule, "pallas") for rule in DELTA_RULES]
+
+
+def _qk_norm_in_op_and_reference(rule, impl, x, scale, **kw):
+    """Runs the op with use_qk_l2norm=True and ``scale`` on the raw q, k, and with
+    use_qk_l2norm=False, scale=1 on q, k normalised and scaled by the test (``_test_l2norm``);
+    returns {True: (o, final, grads), False: ...}, the gradients (of a random projection of o and
+    of the final state) w.r.t. the raw q, k, v, g/gk, beta, h0 (through the test's normalisation
+    in the reference)."""
+    args = _grad_args(rule, x)
+    r_o = randn(993, x["v"].shape)
+    r_f = randn(994, x["h0"].shape)
+    cu = jnp.asarray(QK_CU)
+    out = {}
+    for on in (True, False):
+        def run(a, on=on):
+            if not on:
+                a = dict(a, q=_test_l2norm(a["q"]) * scale, k=_test_l2norm(a["k"]))
+            kwargs = dict(kw, use_qk_l2norm=on, scale=scale if on else 1.0,
+                          output_final_state=True)
+            return _call(rule, impl, kwargs, _arrays(dict(x, **a), True, cu))
+
+        def loss(a, run=run):
+            o, f = run(a)
+            return jnp.sum(o.astype(jnp.float32) * r_o) + jnp.sum(f * r_f)
+
+        out[on] = jax.device_get(jax.jit(lambda a, run=run, loss=loss: (*run(a), jax.grad(loss)(a)))(
+            args))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rule,impl", QK_IMPLS)
+def test_qk_l2norm_in_op_matches_prenormalised(rule, impl, dtype):
+    """use_qk_l2norm=True equals the op on pre-normalised q, k (forward, final state and every
+    gradient, the reference's through jax.grad of the test's normalisation): varlen with an
+    initial state, a non-default scale, dk=12 (padded to 16 inside the Pallas kernel)."""
+    x = make_inputs(111 + RULES.index(rule), 1, int(QK_CU[-1]), 2, 12, 8, n_states=len(QK_CU) - 1)
+    assert np.abs(np.linalg.norm(x["q"], axis=-1) - 1).min() > 0.1  # raw q really is not unit
+    bf16 = dtype == "bfloat16"
+    if bf16:
+        x = dict(x, **{n: x[n].astype(jnp.bfloat16) for n in ("q", "k", "v")})
+    res = _qk_norm_in_op_and_reference(rule, impl, x, scale=0.37, chunk_size=16)
+    (o, f, grads), (o_ref, f_ref, grads_ref) = res[True], res[False]
+    assert o.dtype == x["v"].dtype and f.dtype == jnp.float32
+    rel, grad_rel = (BF16_REL, BF16_REL) if bf16 else (F32_REL, GRAD_REL)
+    rtol = 5e-2 if bf16 else 1e-3
+    assert_close(o, o_ref, rel=rel, rtol=rtol, what="o")
+    assert_close(f, f_ref, rel=rel, rtol=rtol, what="final")
+    assert set(grads) == set(_grad_args(rule, x))
+    for name in grads:
+        assert grads[name].dtype == x[name].dtype, name
+        assert_close(grads[name], grads_ref[name], rel=grad_rel, rtol=rtol, what=f"d/d{name}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_packed_recurrence_qk_l2norm(rule):
+    """packed_recurrence(use_qk_l2norm=True, scale) == packed_recurrence on q, k normalised and
+    scaled by the test, scan and xla, forward and the gradients w.r.t. the raw q, k; zero rows
+    (padding slots) stay zero."""
+    b, l, h, dk, dv, c = 2, 48, 2, 8, 6, 16
+    x = make_inputs(121 + RULES.index(rule), b, l, h, dk, dv)
+    x["k"][:, 40:] = 0.0  # padding slots at the end of every row
+    layout = PackedLayout(jnp.zeros((b, l // c), jnp.int32), 1, c)
+    g = {"gated_delta": x["g"], "gla": x["gk"]}.get(rule)
+    beta = x["beta"] if rule in DELTA_RULES else None
+    r = randn(7, (b, l, h, dv))
+
+    def f(q, k, impl, on):
+        if not on:
+            q, k = _test_l2norm(q) * 0.5, _test_l2norm(k)
+        o, _ = ops.packed_recurrence(rule, q, k, x["v"], g=g, beta=beta, layout=layout,
+                                     use_qk_l2norm=on, scale=0.5 if on else 1.0, impl=impl)
+        return o
+
+    for impl in ("scan", "xla"):
+        run = jax.jit(lambda q, k, impl=impl: {
+            on: (f(q, k, impl, on), jax.grad(lambda q, k, on=on: jnp.sum(f(q, k, impl, on) * r),
+                                             argnums=(0, 1))(q, k)) for on in (True, False)})
+        res = jax.device_get(run(x["q"], x["k"]))
+        assert_close(res[True][0], res[False][0], what=f"{impl} o")
+        for i, name in enumerate("qk"):
+            assert_close(res[True][1][i], res[False][1][i], rel=GRAD_REL, rtol=1e-3,
+                         what=f"{impl} d/d{name}")
+    q0, k0 = (jnp.zeros((1, c, 1, dk)),) * 2
+    qn, kn = jax.jit(lambda q, k: ops.common.qk_features(q, k, True, 0.5))(q0, k0)
+    assert not np.any(np.asarray(qn)) and not np.any(np.asarray(kn))
+
+
+def test_qk_l2norm_errors():
+    x = _small()
+    layout = PackedLayout(jnp.zeros((1, 1), jnp.int32), 1, 8)
+    with pytest.raises(ValueError, match="use_qk_l2norm must be a Python bool"):
+        ecall("gated_delta", x, "xla", use_qk_l2norm=jnp.array(True))
+    with pytest.raises(ValueError, match="use_qk_l2norm must be a Python bool"):
+        ops.packed_recurrence("delta", x["q"], x["k"], x["v"], beta=x["beta"], layout=layout,
+                              use_qk_l2norm="yes", impl="xla")
+    with pytest.raises(ValueError, match="scale must be a number"):
+        ecall("linear", x, "scan", scale="big")
+    with pytest.raises(NotImplementedError, match="has no kernel"):  # no Pallas GLA kernel
+        ecall("gla", x, "pallas", use_qk_l2norm=True)
+
+
+def test_qk_l2norm_pallas_traced_scale():
+    """The Pallas kernel applies the scale at trace time: with a traced scale packed_recurrence
+    applies the features in XLA before the kernel instead; the kernel entry itself refuses it."""
+    layout16 = PackedLayout(jnp.zeros((1, 1), jnp.int32), 1, 16)
+    x16 = _small(t=16)
+
+    def traced(s, on, impl="pallas"):
+        return ops.packed_recurrence("gated_delta", x16["q"], x16["k"], x16["v"], g=x16["g"],
+                                     beta=x16["beta"], layout=layout16, use_qk_l2norm=on, scale=s,
+                                     impl=impl)[0]
+
+    for on in (True, False):
+        o = jax.jit(traced, static_argnums=1)(0.5, on)
+        assert_close(o, traced(0.5, on, "scan"), what=f"use_qk_l2norm={on}")
+    from pallas_kernels.gated_delta import api as gd_api  # noqa: PLC0415
+    with pytest.raises(ValueError, match="scale must be a static Python number"):
+        jax.jit(lambda s: gd_api.gated_delta_packed(
+            x16["q"], x16["k"], x16["v"], x16["g"], x16["beta"], layout16, scale=s)[0])(0.5)
+
+
+def test_pallas_kernels_normalise_in_the_op():
+    """The registered gated delta kernels take use_qk_l2norm themselves (raw q, k reach them)."""
+    ops_api._load_pallas_kernels()
+    for rule in DELTA_RULES:
+        assert ops_api._PALLAS_KERNELS[rule].qk_l2norm
+
+
+# ------------------------------------------------------------------------------------------------
 # packed_recurrence with a hand-made layout
 # ------------------------------------------------------------------------------------------------
 

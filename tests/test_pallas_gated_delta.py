@@ -347,6 +347,91 @@ def test_public_api_bf16(varlen):
         assert rel_err(a, r) < 2 * BF16_REL
 
 
+# ------------------------------------------------------------------------------------------------
+# q/k L2-norm inside the op (use_qk_l2norm): pre-pass + custom-VJP Jacobian
+# ------------------------------------------------------------------------------------------------
+
+def _test_l2norm(x):
+    """The test's own L2 normalisation (float32, eps 1e-6), differentiated by JAX."""
+    x = x.astype(jnp.float32)
+    return x / jnp.sqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
+
+
+def qk_norm_results(case, config=None, dtype=jnp.float32):
+    """Forward and gradients (w.r.t. the raw q, k, v, g, beta, h0) of the kernel with
+    use_qk_l2norm=True on raw q, k, and of the kernel with use_qk_l2norm=False on q, k normalised
+    and scaled by the test (its gradients through that normalisation).  config None: through
+    ``ops.packed_recurrence`` (the registered kernel), else ``gated_delta_packed``."""
+    b, l, h, dk = case["q"].shape
+    scale = dk ** -0.5
+    ks = jax.random.split(jax.random.PRNGKey(41), 2)
+    used = (case["v"] != 0).any(-1, keepdims=True)  # slots with a token (v is zero elsewhere)
+    raw = dict(case, q=(1.7 * jax.random.normal(ks[0], (b, l, h, dk))).astype(dtype),
+               k=(1.3 * jax.random.normal(ks[1], (b, l, h, dk)) * used).astype(dtype))
+    ct = jax.random.normal(jax.random.PRNGKey(11), case["v"].shape)
+    names = [n for n in ("q", "k", "v", "g", "beta", "h0") if case[n] is not None]
+
+    def run(c, on):
+        q, k = c["q"], c["k"]
+        if not on:
+            q, k = _test_l2norm(q) * scale, _test_l2norm(k)
+        qk = dict(use_qk_l2norm=on, scale=scale if on else 1.0)
+        if config is None:
+            return ops.packed_recurrence(c["rule"], q, k, c["v"], g=c["g"], beta=c["beta"],
+                                         layout=c["layout"], initial_state=c["h0"],
+                                         output_final_state=True, impl="pallas", **qk)
+        return gd_api.gated_delta_packed(q, k, c["v"], c["g"], c["beta"], c["layout"], c["h0"],
+                                         True, config=config, **qk)
+
+    out = {}
+    for on in (True, False):
+        def loss(*arrays, on=on):
+            o, final = run(dict(raw, **dict(zip(names, arrays))), on)
+            return jnp.sum(o * ct) + jnp.sum(final * jnp.cos(final))
+
+        def fwd_and_grads(*arrays, on=on, loss=loss):
+            o, final = run(dict(raw, **dict(zip(names, arrays))), on)
+            grads = jax.grad(loss, argnums=tuple(range(len(names))))(*arrays)
+            return o, final, dict(zip(names, grads))
+
+        out[on] = jax.jit(fwd_and_grads)(*[raw[n] for n in names])
+    return out
+
+
+QK_CASES = [
+    pytest.param("packed", dict(), None, id="registered_kernel"),
+    pytest.param("packed", dict(gated=False, init=False), None, id="delta_rule_no_init"),
+    pytest.param("split_runs", dict(dk=24, dv=40), gd_api.Config(), id="dk24_dv40_padded"),
+    pytest.param("split_runs", dict(), gd_api.Config(bwd="xla"), id="xla_backward"),
+    pytest.param("packed", dict(), gd_api.Config(backend="mosaic"), id="mosaic"),
+]
+
+
+@pytest.mark.parametrize("name,kw,config", QK_CASES)
+def test_qk_l2norm_in_op_matches_prenormalised(name, kw, config):
+    """use_qk_l2norm=True (normalised in the pre-pass, L2-norm Jacobian in the custom VJP) equals
+    the kernel on q, k the test normalised, forward and every gradient, on varlen layouts."""
+    res = qk_norm_results(make_case(name, seed=31, **kw), config)
+    (o, final, g_on), (o_ref, final_ref, g_ref) = res[True], res[False]
+    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
+    assert set(g_on) == set(g_ref)
+    for n in g_ref:
+        assert rel_err(g_on[n], g_ref[n]) < GRAD_REL, n
+
+
+def test_qk_l2norm_in_op_bf16_inputs_and_storage(monkeypatch):
+    """bf16 raw q, k (normalised in float32 in the pre-pass; gradients come back in bf16) with
+    the GPU's bf16 storage of the kernels' operands forced in interpret mode."""
+    from pallas_kernels.gated_delta import triton_common  # noqa: PLC0415
+    monkeypatch.setattr(triton_common, "operand_dtype", lambda precision, interpret: jnp.bfloat16)
+    res = qk_norm_results(make_case("split_runs", seed=37), dtype=jnp.bfloat16)
+    (o, final, g_on), (o_ref, final_ref, g_ref) = res[True], res[False]
+    assert rel_err(o, o_ref) < 1e-3 and rel_err(final, final_ref) < 1e-3
+    for n in g_ref:
+        assert g_on[n].dtype == g_ref[n].dtype, n
+        assert rel_err(g_on[n], g_ref[n]) < BF16_REL, n
+
+
 def test_registration_and_auto():
     assert ops_api.resolve_impl("pallas", "gated_delta") == "pallas"
     assert ops_api.resolve_impl("pallas", "delta") == "pallas"

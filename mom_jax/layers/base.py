@@ -93,20 +93,30 @@ class RecurrentMixer(nnx.Module):
     def _check(self, x, *, rank: int = 3):
         lc.check_input(x, self.hidden_size, type(self).__name__, rank=rank)
 
-    def _split_features(self, qkv, extra, valid=None):
+    @property
+    def q_scale(self) -> float:
+        """Scale of the L2-normalised queries: dk ** -0.5."""
+        return self.head_dim ** -0.5
+
+    def _split_features(self, qkv, extra, valid=None, *, qk_in_op: bool = False):
         """Post-activation q|k|v and raw b|a -> (q, k, v, g, beta) per head, masked where not valid.
 
         qkv: [..., 2Kd+Vd]; extra: [..., nb+na] raw; valid: bool [...] or None.
-        Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5); v: [..., H, dv];
-        g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None; beta: [..., H] float32 or None.
+        qk_in_op: leave q, k raw (qkv's dtype) for an op that normalises them itself
+          (``_recurrence``: q <- l2norm(q) * q_scale, k <- l2norm(k) inside the op, the same
+          function); k is still zeroed where not valid (l2norm(0) = 0).
+        Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5; raw with
+        qk_in_op); v: [..., H, dv]; g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None;
+        beta: [..., H] float32 or None.
         """
         kd, h = self.key_dim, self.num_heads
         lead = qkv.shape[:-1]
         q = qkv[..., :kd].reshape(lead + (h, self.head_dim))
         k = qkv[..., kd:2 * kd].reshape(lead + (h, self.head_dim))
         v = qkv[..., 2 * kd:].reshape(lead + (h, self.head_v_dim))
-        q = oc.l2norm(q) * (self.head_dim ** -0.5)
-        k = oc.l2norm(k)
+        if not qk_in_op:
+            q = oc.l2norm(q) * self.q_scale
+            k = oc.l2norm(k)
         beta = g = None
         col = 0
         if self.update_rule in ("gated_delta", "delta"):
@@ -131,9 +141,13 @@ class RecurrentMixer(nnx.Module):
         return jax.nn.silu(qkv_raw)
 
     def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):
+        """The update rule over a packed stream, from the raw q, k of
+        ``_split_features(..., qk_in_op=True)``: the op L2-normalises them and scales q by
+        ``q_scale`` (inside the Pallas kernel's custom VJP with impl "pallas")."""
         return ops.packed_recurrence(self.update_rule, q, k, v, g=g, beta=beta, layout=layout,
                                      initial_state=initial_state,
-                                     output_final_state=output_final_state, impl=self.impl)
+                                     output_final_state=output_final_state, use_qk_l2norm=True,
+                                     scale=self.q_scale, impl=self.impl)
 
     def _step_features(self, conv_buf, qkv_raw, extra, conv_weight):
         """Short conv step (or SiLU) and feature maps of one token for one or more memories.

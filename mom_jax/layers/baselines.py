@@ -59,7 +59,7 @@ class SingleMemoryLayer(RecurrentMixer):
         rank = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         valid = rank < t
         qkv = self._activate_stream(qkv_raw, rank)
-        q, k, v, g, beta = self._split_features(qkv, raw[..., nqkv:], valid)
+        q, k, v, g, beta = self._split_features(qkv, raw[..., nqkv:], valid, qk_in_op=True)
         o, final = self._recurrence(q, k, v, g, beta, layout, None, output_final_state)
         out = self.head(o[:, :t], xc)
         if not output_final_state:

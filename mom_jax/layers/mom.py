@@ -151,7 +151,7 @@ class MoMLayer(RecurrentMixer):
         nkv = self.key_dim + self.value_dim
         qkv_raw = jnp.concatenate([q_raw, kvba[..., :nkv]], axis=-1)
         qkv = self._activate_stream(qkv_raw, plan.slot_rank)
-        q, k, v, g, beta = self._split_features(qkv, kvba[..., nkv:], plan.valid)
+        q, k, v, g, beta = self._split_features(qkv, kvba[..., nkv:], plan.valid, qk_in_op=True)
         o, final = self._recurrence(q, k, v, g, beta, plan.layout, None, output_final_state)
         y = routing.combine(o, weights, plan)                                    # [B, T, H, dv]
         out = self.head(y, xc)

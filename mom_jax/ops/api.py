@@ -15,7 +15,7 @@ call without recompiling: only N and the total length are static.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,17 @@ from mom_jax.ops.common import PackedLayout
 UPDATE_RULES = ("gated_delta", "delta", "gla", "linear")
 _DELTA_RULES = ("gated_delta", "delta")
 
-# rule -> function(q, k, v, g, beta, layout, initial_state, output_final_state) -> (o, final).
-_PALLAS_KERNELS: dict[str, Callable] = {}
+
+class _PallasKernel(NamedTuple):
+    """A registered kernel: fn(q, k, v, g, beta, layout, initial_state, output_final_state) ->
+    (o, final); with ``qk_l2norm`` it also takes keywords ``use_qk_l2norm`` and ``scale`` and
+    applies the q/k features itself (else ``packed_recurrence`` applies them in XLA first)."""
+    fn: Callable
+    qk_l2norm: bool
+
+
+# rule -> _PallasKernel.
+_PALLAS_KERNELS: dict[str, _PallasKernel] = {}
 
 # Whether impl="auto" picks a registered Pallas kernel on GPU.  On: measured on an H100 (2026-11-26,
 # benchmarks/results/layer_h100.json) the MoM layer (E4, B8 T2048) takes fwd 6.0 / fwd+bwd 16.0 ms
@@ -61,11 +70,18 @@ def step_features_kernel() -> Callable | None:
     return _PALLAS_STEP.get("features")
 
 
-def register_pallas_kernel(rule: str, fn: Callable) -> None:
-    """Lets ``pallas_kernels`` plug a kernel in for ``rule`` (same contract as ``packed_recurrence``)."""
+def register_pallas_kernel(rule: str, fn: Callable, *, qk_l2norm: bool = False) -> None:
+    """Lets ``pallas_kernels`` plug a kernel in for ``rule``.
+
+    fn(q, k, v, g, beta, layout, initial_state, output_final_state) follows the
+    ``packed_recurrence`` contract with q, k already normalised / scaled.  ``qk_l2norm=True``
+    declares that fn also takes the keywords ``use_qk_l2norm`` and ``scale`` (the
+    ``packed_recurrence`` semantics) and applies them inside its own forward/backward; for a kernel
+    registered without it, ``packed_recurrence`` normalises and scales q, k in XLA before the call.
+    """
     if rule not in UPDATE_RULES:
         raise ValueError(f"unknown update rule {rule!r}")
-    _PALLAS_KERNELS[rule] = fn
+    _PALLAS_KERNELS[rule] = _PallasKernel(fn, bool(qk_l2norm))
 
 
 def _load_pallas_kernels() -> None:
@@ -169,22 +185,41 @@ def decode_step(state, q, k, v, *, slots=None, g=None, gk=None, beta=None, share
 
 
 def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLayout,
-                      initial_state=None, output_final_state: bool = False, impl: str = "auto"):
+                      initial_state=None, output_final_state: bool = False,
+                      use_qk_l2norm: bool = False, scale=1.0, impl: str = "auto"):
     """Runs an update rule over a chunk-aligned packed stream (see ``common.PackedLayout``).
 
     Args:
       rule: one of UPDATE_RULES.
-      q, k: [B, L, H, dk], already L2-normalised and scaled as wanted; v: [B, L, H, dv].
+      q, k: [B, L, H, dk] float32 or bfloat16; v: [B, L, H, dv].  Used as given (already
+        L2-normalised and scaled as wanted) unless ``use_qk_l2norm`` / ``scale`` say otherwise.
       g: log-decay, [B, L, H] for "gated_delta", [B, L, H, dk] for "gla", None otherwise (float32).
       beta: [B, L, H] for the delta rules, None otherwise.
       layout: segments of the stream; L == layout.num_chunks * layout.chunk_size.
       initial_state: [B, S, H, dk, dv] float32 or None (zeros).
+      use_qk_l2norm: q <- l2norm(q) * scale, k <- l2norm(k) inside the op (eps
+        ``common.L2NORM_EPS`` = 1e-6, float32; gradients are w.r.t. the raw q, k).  Zero rows
+        (padding slots) stay zero.  impl "scan"/"xla" normalise with jnp at the entry; the Pallas
+        gated delta kernel normalises in its pre-pass and applies the L2-norm Jacobian in its
+        custom VJP (``pallas_kernels.gated_delta.api``).
+      scale: q scale, applied after the normalisation (default 1.0: q as given).  A number;
+        the Pallas kernel applies it (and the normalisation) itself only when it is static (a
+        Python number), else XLA does before the kernel.
     Returns:
       o: [B, L, H, dv] float32; final: [B, S, H, dk, dv] float32 (None unless output_final_state).
     """
+    static_scale = common.check_qk_options(use_qk_l2norm, scale, "packed_recurrence")
     impl = resolve_impl(impl, rule)
     if impl == "pallas":
-        return _PALLAS_KERNELS[rule](q, k, v, g, beta, layout, initial_state, output_final_state)
+        kernel = _PALLAS_KERNELS[rule]
+        if kernel.qk_l2norm and static_scale is not None:
+            return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state,
+                             use_qk_l2norm=use_qk_l2norm, scale=static_scale)
+        # A kernel that does not normalise itself, or a traced scale (the kernel needs it at
+        # trace time): the features in XLA before the kernel (the same function, not fused).
+        q, k = common.qk_features(q, k, use_qk_l2norm, scale)
+        return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state)
+    q, k = common.qk_features(q, k, use_qk_l2norm, scale)
     if impl == "scan":
         start, segment = layout.token_view()
         o, final = scan.recurrent_scan(
@@ -226,16 +261,18 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
                          f"{[n_states, h, dk, dv]}, got {list(initial_state.shape)}")
 
     scale = dk ** -0.5 if scale is None else scale
-    if use_qk_l2norm:
-        q, k = common.l2norm(q), common.l2norm(k)
-    q = q.astype(jnp.float32) * scale
-    k = k.astype(jnp.float32)
+    common.check_qk_options(use_qk_l2norm, scale, op)
     g = None if g is None else g.astype(jnp.float32)
     beta = None if beta is None else beta.astype(jnp.float32)
     init = None if initial_state is None else initial_state.astype(jnp.float32)
     impl = resolve_impl(impl, rule)
+    # The chunked forms get the raw q, k (in their dtype) and apply the features themselves
+    # (``packed_recurrence``: inside the Pallas kernel's custom VJP with impl="pallas").
+    qk = dict(use_qk_l2norm=use_qk_l2norm, scale=scale)
 
     if impl == "scan":  # the reference runs on the original token order
+        q, k = common.qk_features(q, k, use_qk_l2norm, scale)
+        k = k.astype(jnp.float32)
         if cu_seqlens is None:
             start = jnp.zeros((b, t), bool).at[:, 0].set(True)
             segment = jnp.zeros((b, t), jnp.int32)
@@ -261,7 +298,7 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
         padded = [common.pad_time(x, length) for x in (q, k, v, g, beta)]
         o, final = packed_recurrence(rule, *padded[:3], g=padded[3], beta=padded[4], layout=layout,
                                      initial_state=None if init is None else init[:, None],
-                                     output_final_state=output_final_state, impl=impl)
+                                     output_final_state=output_final_state, impl=impl, **qk)
         o = o[:, :t]
         final = None if final is None else final[:, 0]
     else:
@@ -276,7 +313,7 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
         o, final = packed_recurrence(rule, pack(q), pack(k), pack(v), g=pack(g), beta=pack(beta),
                                      layout=packing.layout,
                                      initial_state=None if init is None else init[None],
-                                     output_final_state=output_final_state, impl=impl)
+                                     output_final_state=output_final_state, impl=impl, **qk)
         o = o[:, packing.positions]
         final = None if final is None else final[0]
     return o.astype(v.dtype), final
@@ -289,9 +326,12 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     Args:
       q, k: [B, T, H, dk] (float32 or bfloat16); v: [B, T, H, dv].
       g: [B, T, H] log-decay (<= 0), float32.  beta: [B, T, H] in [0, 1].
-      scale: query scale, default dk ** -0.5.
+      scale: query scale, default dk ** -0.5 (applied after the normalisation).
       initial_state: [B, H, dk, dv] ([N, H, dk, dv] with cu_seqlens), float32.
-      use_qk_l2norm: L2-normalise q and k per head first (eps 1e-6).
+      use_qk_l2norm: q <- l2norm(q) * scale, k <- l2norm(k) per head inside the op (eps 1e-6,
+        float32; default on for the delta rules, as this API always had).  With impl="pallas"
+        the normalisation runs in the kernel's pre-pass and its custom VJP (see
+        ``packed_recurrence``); scan/xla normalise with jnp.
       cu_seqlens: optional int [N+1] offsets of N sequences packed along T (batch must be 1).
     Returns:
       (o [B, T, H, dv] in v's dtype, final state [B or N, H, dk, dv] float32 or None).

@@ -26,8 +26,64 @@ Impl = Literal["auto", "pallas", "xla", "scan"]
 
 def l2norm(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
     """x / sqrt(sum(x**2, -1) + eps), computed in float32, returned in float32."""
+    return l2norm_rstd(x, eps)[0]
+
+
+def l2norm_rstd(x: jax.Array, eps: float = L2NORM_EPS) -> tuple[jax.Array, jax.Array]:
+    """(l2norm(x), rstd): y = x * rstd with rstd = 1 / sqrt(sum(x**2, -1) + eps).
+
+    x: [..., d] any float dtype.  Returns y [..., d] float32 and rstd [...] float32 (the per-row
+    inverse norm, what a custom VJP keeps to apply ``l2norm_vjp`` later).
+    """
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    rstd = jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + eps)
+    return x * rstd[..., None], rstd
+
+
+def l2norm_vjp(x: jax.Array, rstd: jax.Array, dy: jax.Array) -> jax.Array:
+    """Cotangent of x through y = l2norm(x), from x, its rstd and the cotangent dy of y.
+
+    With y = x * rstd and rstd = (|x|^2 + eps)^(-1/2), dy/dx = rstd (I - y y^T) exactly (eps
+    included), so dx = rstd * (dy - y <dy, y>).  x: [..., d] any float dtype; rstd: [...] float32;
+    dy: [..., d].  Returns dx [..., d] float32 (cast it to x's dtype where wanted).
+    """
+    r = rstd[..., None]
+    y = x.astype(jnp.float32) * r
+    dy = dy.astype(jnp.float32)
+    return r * (dy - y * jnp.sum(dy * y, axis=-1, keepdims=True))
+
+
+def check_qk_options(use_qk_l2norm, scale, op: str) -> float | None:
+    """Checks the q/k feature options of an op; returns ``scale`` as a float, or None when it is
+    a traced value (fine for the XLA forms, not for a kernel that needs it at trace time).
+
+    use_qk_l2norm must be a Python bool: it selects code when the op is traced.
+    """
+    if not isinstance(use_qk_l2norm, (bool, np.bool_)):
+        raise ValueError(f"{op}: use_qk_l2norm must be a Python bool (it selects code at trace "
+                         f"time), got {use_qk_l2norm!r}")
+    if isinstance(scale, (int, float, np.number)) and not isinstance(scale, bool):
+        return float(scale)
+    if getattr(scale, "ndim", None) == 0 and jnp.issubdtype(scale.dtype, jnp.number):
+        try:
+            return float(scale)
+        except jax.errors.ConcretizationTypeError:  # traced
+            return None
+    raise ValueError(f"{op}: scale must be a number, got {scale!r}")
+
+
+def qk_features(q: jax.Array, k: jax.Array, use_qk_l2norm: bool, scale=1.0):
+    """q <- l2norm(q) * scale, k <- l2norm(k) (or q <- q * scale without the normalisation),
+    as plain jnp at an op's entry (differentiated by JAX).
+
+    q, k: [..., dk] any float dtype.  Returns (q, k); both float32 when use_qk_l2norm or a scale
+    other than the literal 1.0 is given, else exactly the inputs.
+    """
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        q = q.astype(jnp.float32) * scale
+    return q, k
 
 
 def round_up(n, multiple: int):

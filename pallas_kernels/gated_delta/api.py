@@ -1,9 +1,25 @@
 """Entry point of the gated delta rule kernels: backend choice, padding, ``jax.custom_vjp``.
 
-``gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state)`` follows the
-``mom_jax.ops.packed_recurrence`` contract: q, k [B, L, H, dk] (already normalised and scaled),
-v [B, L, H, dv], g [B, L, H] float32 log-decay or None (plain delta rule), beta [B, L, H],
-initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] float32, final state or None).
+``gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state, *,
+use_qk_l2norm, scale)`` follows the ``mom_jax.ops.packed_recurrence`` contract: q, k [B, L, H, dk]
+(float32 or bfloat16), v [B, L, H, dv], g [B, L, H] float32 log-decay or None (plain delta rule),
+beta [B, L, H], initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] float32, final
+state or None).
+
+q/k L2-norm in the op (``use_qk_l2norm=True``: q <- l2norm(q) * scale, k <- l2norm(k), eps 1e-6).
+This is the scheme of flash-linear-attention's ``use_qk_l2norm_in_kernel``: the normalisation is
+part of the op's forward and backward, not re-done inside each kernel's loads.  Here it runs in
+the XLA pre-pass ``_prepare``, on the same elementwise path as the padding of the head dims to
+powers of two and the cast to the kernels' operand dtype (so XLA can do all of it in one pass over
+q/k; how it fuses the row reduction is its choice, not checked on a GPU yet), and yields the
+per-row inverse norms rstd ([B, L, H] float32).  The custom VJP keeps the raw q/k and rstd (not a float32 normalised copy) and applies the
+L2-norm Jacobian dx = rstd * (dy - y <dy, y>) (y = x * rstd, dy including the q scale) to dq/dk in
+the same XLA pass that slices off the head-dim padding.  fla saves the normalised q/k instead of
+the raw ones; the Jacobian is the same.  The kernels themselves do not normalise: every kernel tiles
+the key dim (``Config.block_k``), so a row norm inside them would need a cross-tile reduction in
+each of the seven kernels that load q or k (and the dq/dk kernel's grid splits dk across programs,
+so its Jacobian could not be applied there), while the pre-pass already reads and writes q/k once
+for the padding and the operand cast.
 
 Backends: "triton" (GPU; on CPU in interpret mode), "mosaic" (TPU; on CPU in TPU interpret mode).
 The backward pass is either the Pallas backward kernels (``Config.bwd="pallas"``, GPU/CPU only) or the
@@ -19,9 +35,10 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mom_jax.ops import chunked
-from mom_jax.ops.common import PackedLayout
+from mom_jax.ops.common import PackedLayout, l2norm_rstd, l2norm_vjp, qk_features
 from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
@@ -125,10 +142,48 @@ def _backend(config: Config) -> str:
 # forward
 # ------------------------------------------------------------------------------------------------
 
-def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16):
-    """Pads head dims to powers of two (>= pad_to), forms the chunk-local cumsum, transposes gates."""
+def _qk_in(q, k, qk_norm: bool, scale: float):
+    """The kernels' q, k (float32, [B, L, H, dk]) from the op's, and (rstd_q, rstd_k) ([B, L, H]
+    float32) or None without ``qk_norm``: q' = l2norm(q) * scale (or q * scale), k' = l2norm(k)
+    (or k)."""
+    if not qk_norm:
+        q = q.astype(F32)
+        return (q if scale == 1.0 else q * scale), k.astype(F32), None
+    (q, rq), (k, rk) = l2norm_rstd(q), l2norm_rstd(k)
+    return (q if scale == 1.0 else q * scale), k, (rq, rk)
+
+
+def _qk_in_from_rstd(q, k, rstd, scale: float):
+    """``_qk_in`` again from the residuals (raw q, k and their rstd): the same float32 values."""
+    if rstd is None:
+        return _qk_in(q, k, False, scale)[:2]
+    qn = q.astype(F32) * rstd[0][..., None]
+    return (qn if scale == 1.0 else qn * scale), k.astype(F32) * rstd[1][..., None]
+
+
+def _qk_out(dq, dk, q, k, rstd, scale: float):
+    """Cotangents of the kernels' q', k' (float32, head dim possibly padded) -> of the op's q, k:
+    slices the padding off, applies the scale and the L2-norm Jacobian, casts to q/k's dtypes."""
+    dq, dk = dq[..., :q.shape[-1]].astype(F32), dk[..., :k.shape[-1]].astype(F32)
+    if scale != 1.0:
+        dq = dq * scale
+    if rstd is not None:
+        dq, dk = l2norm_vjp(q, rstd[0], dq), l2norm_vjp(k, rstd[1], dk)
+    return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16, *, qk_norm: bool = False,
+             scale: float = 1.0):
+    """The XLA pre-pass: q/k features (``_qk_in``: float32, L2-normalised with ``qk_norm``, q
+    scaled), head dims padded to powers of two (>= pad_to), the chunk-local cumsum, gates
+    transposed.
+
+    Returns (q, k [B, L, H, dkp] float32, v [B, L, H, dvp], beta_t, gcum_t [B, H, L] float32,
+    init [B, S, H, dkp, dvp] float32 or None, rstd: (rstd_q, rstd_k) [B, L, H] float32 or None).
+    """
     dk, dv = q.shape[-1], v.shape[-1]
     dkp, dvp = max(pad_to, cm.next_pow2(dk)), max(pad_to, cm.next_pow2(dv))
+    q, k, rstd = _qk_in(q, k, qk_norm, scale)
     q, k = cm.pad_last(q, dkp), cm.pad_last(k, dkp)
     v = cm.pad_last(v, dvp)
     if init is not None:
@@ -138,26 +193,29 @@ def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16):
     gcum = (jnp.zeros(beta.shape, F32) if g is None else cm.chunk_cumsum(g, chunk))
     beta_t = jnp.transpose(beta.astype(F32), (0, 2, 1))
     gcum_t = jnp.transpose(gcum, (0, 2, 1))
-    return q, k, v, beta_t, gcum_t, init
+    return q, k, v, beta_t, gcum_t, init, rstd
 
 
 def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config,
-             for_bwd: bool = False):
-    """Runs the forward kernels; returns (o, final, residuals for the Pallas backward or None)."""
+             qk_norm: bool = False, scale: float = 1.0, for_bwd: bool = False):
+    """Runs the forward kernels; returns (o, final, residuals for the Pallas backward or None,
+    rstd (rstd_q, rstd_k) or None)."""
     from pallas_kernels.gated_delta import mosaic, triton_common, triton_fwd  # noqa: PLC0415
 
     layout = PackedLayout(chunk_segment, num_segments, chunk)
     dk, dv = q.shape[-1], v.shape[-1]
     interpret = _interpret()
     backend = _backend(config)
-    if backend == "mosaic":
-        o, final = mosaic.gated_delta_fwd(q, k, v, g, beta, layout, init, interpret=interpret,
+    if backend == "mosaic":  # the features next to the kernel's head-major transposes (XLA)
+        qn, kn, rstd = _qk_in(q, k, qk_norm, scale)
+        o, final = mosaic.gated_delta_fwd(qn, kn, v, g, beta, layout, init, interpret=interpret,
                                           block_v=config.block_v if config.block_v and
                                           config.block_v % 128 == 0 else None,
                                           precision=mosaic.resolve_precision(config.precision,
                                                                              interpret))
-        return o, final, None
-    qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk)
+        return o, final, None, rstd
+    qp, kp, vp, beta_t, gcum_t, initp, rstd = _prepare(q, k, v, g, beta, init, chunk,
+                                                       qk_norm=qk_norm, scale=scale)
     k_ut = kp  # the UT transform forms A = K K^T from K as given (tf32x3 / fp32 dots)
     # Everything else uses q, k, v only as dot operands (plus elementwise terms of dg/dbeta):
     # with bf16 dots, store them rounded once instead of loading fp32 tiles in every program.
@@ -184,48 +242,56 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                 num_warps=config.par_num_warps, block_k=block_k,
                                 block_v=par_block_v)
     extra = (qp, kp, vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None
-    return o[..., :dv], final[..., :dk, :dv], extra
+    return o[..., :dv], final[..., :dk, :dv], extra, rstd
 
 
 # ------------------------------------------------------------------------------------------------
 # custom_vjp
 # ------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _gated_delta_core(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config):
-    o, final, _ = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment, num_segments,
-                           chunk, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _gated_delta_core(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config,
+                      qk_norm, scale):
+    o, final, _, _ = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
+                              num_segments, chunk, config, qk_norm, scale)
     return o, final
 
 
-def _core_fwd(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config):
-    o, final, extra = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
-                               num_segments, chunk, config, for_bwd=True)
-    return (o, final), (q, k, v, g, beta, init, chunk_segment, extra)
+def _core_fwd(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config,
+              qk_norm, scale):
+    o, final, extra, rstd = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
+                                     num_segments, chunk, config, qk_norm, scale, for_bwd=True)
+    # Residuals: the raw q, k (as given) and, with qk_norm, only their rstd ([B, L, H] float32);
+    # the normalised copies the backward kernels read are the operand-dtype ones in ``extra``.
+    return (o, final), (q, k, v, g, beta, init, chunk_segment, extra, rstd)
 
 
-def _xla_vjp(res, cts, num_segments, chunk, has_g):
-    q, k, v, g, beta, init, chunk_segment, _ = res
+def _xla_vjp(res, cts, num_segments, chunk, has_g, scale):
+    """VJP of the chunked XLA form w.r.t. (q', k', v, g, beta, init), q', k' the kernels' q/k."""
+    q, k, v, g, beta, init, chunk_segment, _, rstd = res
     layout = PackedLayout(chunk_segment, num_segments, chunk)
+    qn, kn = _qk_in_from_rstd(q, k, rstd, scale)
 
     def f(q, k, v, g, beta, init):
         return chunked.delta_chunked(q, k, v, g if has_g else None, beta, layout,
                                      initial_state=init, output_final_state=True)
 
-    _, vjp = jax.vjp(f, q, k, v, g, beta, init)
+    _, vjp = jax.vjp(f, qn, kn, v, g, beta, init)
     return vjp(cts)
 
 
-def _core_bwd(num_segments, chunk, has_g, config, res, cts):
+def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, res, cts):
     do, dfinal = cts
-    use_pallas = config.bwd == "pallas" and _backend(config) == "triton" and res[-1] is not None
+    q, k, rstd = res[0], res[1], res[8]
+    use_pallas = config.bwd == "pallas" and _backend(config) == "triton" and res[7] is not None
     if use_pallas:
         from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
-        grads = triton_bwd.backward(res, do, dfinal, num_segments=num_segments, chunk=chunk,
+        grads = triton_bwd.backward(res[:8], do, dfinal, num_segments=num_segments, chunk=chunk,
                                     has_g=has_g, config=config, interpret=_interpret())
     else:
-        grads = _xla_vjp(res, (do, dfinal), num_segments, chunk, has_g)
+        grads = _xla_vjp(res, (do, dfinal), num_segments, chunk, has_g, scale)
     dq, dk, dv, dg, dbeta, dinit = grads
+    dq, dk = _qk_out(dq, dk, q, k, rstd, scale)  # one pass: slice, scale, L2-norm Jacobian, cast
     if not has_g:
         dg = jnp.zeros_like(res[3])
     return dq, dk, dv, dg, dbeta, dinit, None
@@ -248,30 +314,50 @@ def _warn_chunk_fallback(chunk: int) -> None:
 
 
 def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=None,
-                       output_final_state: bool = False, config: Config | None = None):
-    """Chunked (gated) delta rule on a packed stream with the Pallas kernels.  See module doc."""
+                       output_final_state: bool = False, config: Config | None = None, *,
+                       use_qk_l2norm: bool = False, scale: float = 1.0):
+    """Chunked (gated) delta rule on a packed stream with the Pallas kernels.  See module doc.
+
+    use_qk_l2norm, scale: as in ``mom_jax.ops.packed_recurrence`` (q <- l2norm(q) * scale,
+    k <- l2norm(k) inside the op; scale must be a Python number).  Gradients are w.r.t. the raw
+    q, k and come back in their dtypes.
+    """
     config = config or get_default_config()
     chunk = layout.chunk_size
+    if not isinstance(use_qk_l2norm, (bool, np.bool_)):
+        raise ValueError(f"gated_delta_packed: use_qk_l2norm must be a Python bool, got "
+                         f"{use_qk_l2norm!r}")
+    try:
+        scale = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"gated_delta_packed: scale must be a static Python number (the kernel "
+                         f"applies it at trace time), got {scale!r}") from None
     if q.shape[1] != layout.num_chunks * chunk:
         raise ValueError(f"stream length {q.shape[1]} != num_chunks * chunk_size "
                          f"({layout.num_chunks} * {chunk})")
     if not chunk_supported(chunk):
         _warn_chunk_fallback(chunk)
+        q, k = qk_features(q, k, bool(use_qk_l2norm), scale)
         return chunked.delta_chunked(q, k, v, g, beta, layout, initial_state=initial_state,
                                      output_final_state=output_final_state)
     has_g = g is not None
     g_arr = g.astype(F32) if has_g else jnp.zeros(beta.shape, F32)
     init = None if initial_state is None else initial_state.astype(F32)
     o, final = _gated_delta_core(q, k, v, g_arr, beta, init, layout.chunk_segment.astype(jnp.int32),
-                                 layout.num_segments, chunk, has_g, config)
+                                 layout.num_segments, chunk, has_g, config, bool(use_qk_l2norm),
+                                 scale)
     return o, (final if output_final_state else None)
 
 
-def gated_delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state):
-    """Registered for rule "gated_delta"."""
-    return gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state)
+def gated_delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state, *,
+                       use_qk_l2norm: bool = False, scale: float = 1.0):
+    """Registered for rule "gated_delta" (``register_pallas_kernel(..., qk_l2norm=True)``)."""
+    return gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state,
+                              use_qk_l2norm=use_qk_l2norm, scale=scale)
 
 
-def delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state):
+def delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state, *,
+                 use_qk_l2norm: bool = False, scale: float = 1.0):
     """Registered for rule "delta" (g is None: no decay)."""
-    return gated_delta_packed(q, k, v, None, beta, layout, initial_state, output_final_state)
+    return gated_delta_packed(q, k, v, None, beta, layout, initial_state, output_final_state,
+                              use_qk_l2norm=use_qk_l2norm, scale=scale)

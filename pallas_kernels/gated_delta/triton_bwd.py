@@ -400,7 +400,13 @@ def _bwd_walk_stages(config, chunk: int, dk: int, block_v: int, itemsize: int) -
 
 
 def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
-    """Gradients (dq, dk, dv, dg, dbeta, dinit) for ``api._gated_delta_core`` from its residuals."""
+    """Gradients (dq, dk, dv, dg, dbeta, dinit) for ``api._gated_delta_core`` from its residuals
+    (q, k, v, g, beta, init, chunk_segment, extra).
+
+    dq, dk are w.r.t. the kernels' q, k (after the pre-pass: normalised / scaled, head dim padded):
+    [B, L, H, dkp] float32; ``api._qk_out`` slices them and applies the q scale and the L2-norm
+    Jacobian.  dv [B, L, H, dv] in v's dtype, dg [B, L, H] (None without g), dbeta [B, L, H],
+    dinit [B, S, H, dk, dv] float32 (None without init)."""
     from mom_jax.ops.common import PackedLayout  # noqa: PLC0415
 
     q, k, v, g, beta, init, chunk_segment, extra = res
@@ -437,6 +443,5 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     if has_init:
         empty = (hi <= lo).reshape(b, num_segments)[:, :, None, None, None]
         dinit = jnp.where(empty, dfinal.astype(F32), dinit[..., :dk, :dv])
-    return (dq[..., :dk].astype(q.dtype), dk_[..., :dk].astype(k.dtype),
-            dv_[..., :dv].astype(v.dtype), dg.astype(g.dtype) if has_g else None,
+    return (dq, dk_, dv_[..., :dv].astype(v.dtype), dg.astype(g.dtype) if has_g else None,
             dbeta.astype(beta.dtype), dinit)
