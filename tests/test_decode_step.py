@@ -169,39 +169,38 @@ def test_feature_kernel_gla_normalizer_matches_layers():
     assert decode_features.GLA_GATE_NORMALIZER == lc.GLA_GATE_NORMALIZER
 
 
-def test_step_kernel_lowers_for_cuda():
-    """The step kernel lowers to Triton IR for an H100 without a GPU, with the state aliased."""
+def _assert_lowers_for_h100_with_aliases(fn, args, donate_argnums):
+    """``fn`` lowers for an H100 without a GPU: one Triton call, its outputs aliased to inputs."""
     from jax._src import mesh as mesh_lib  # noqa: PLC0415
     dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
                                   platform="gpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
                                      abstract_device=dev)
-    sds = jax.ShapeDtypeStruct
-    b, m, j, h, dk, dv = 2, 4, 2, 4, 256, 256
-    args = (sds((b, m, h, dk, dv), jnp.float32), sds((b, j), jnp.int32),
-            sds((b, j + 1, h, dk), jnp.bfloat16), sds((b, j + 1, h, dk), jnp.bfloat16),
-            sds((b, j + 1, h, dv), jnp.bfloat16), sds((b, j + 1, h), jnp.float32),
-            sds((b, j + 1, h), jnp.float32), sds((b, h, dk, dv), jnp.float32))
     with jax.sharding.use_abstract_mesh(mesh):
-        lowered = jax.jit(kernel.step_in_place, donate_argnums=(0, 7)).trace(*args).lower(
+        lowered = jax.jit(fn, donate_argnums=donate_argnums).trace(*args).lower(
             lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "output_operand_aliases" in text
 
 
+def test_step_kernel_lowers_for_cuda():
+    """The step kernel lowers to Triton IR for an H100, with the state aliased."""
+    sds = jax.ShapeDtypeStruct
+    b, m, j, h, dk, dv = 2, 4, 2, 4, 256, 256
+    args = (sds((b, m, h, dk, dv), jnp.float32), sds((b, j), jnp.int32),
+            sds((b, j + 1, h, dk), jnp.bfloat16), sds((b, j + 1, h, dk), jnp.bfloat16),
+            sds((b, j + 1, h, dv), jnp.bfloat16), sds((b, j + 1, h), jnp.float32),
+            sds((b, j + 1, h), jnp.float32), sds((b, h, dk, dv), jnp.float32))
+    _assert_lowers_for_h100_with_aliases(kernel.step_in_place, args, (0, 7))
+
+
 def test_feature_kernel_lowers_for_cuda():
-    """The fused feature pass lowers to Triton IR for an H100 without a GPU, the conv histories
-    aliased (at the 340M model's head sizes)."""
+    """The fused feature pass lowers to Triton IR for an H100, the conv histories aliased (at
+    the 340M model's head sizes)."""
     import functools  # noqa: PLC0415
 
-    from jax._src import mesh as mesh_lib  # noqa: PLC0415
-
     from pallas_kernels import decode_features  # noqa: PLC0415
-    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                  platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=dev)
     sds = jax.ShapeDtypeStruct
     b, e, k, h, d, w = 2, 4, 2, 4, 256, 4
     n = 2 * h * d + 2 * h
@@ -212,9 +211,4 @@ def test_feature_kernel_lowers_for_cuda():
     fn = functools.partial(decode_features.step_features_in_place, update_rule="gated_delta",
                            num_heads=h, head_dim=d, head_v_dim=d, conv_size=w, q_scale=d ** -0.5,
                            eps=1e-6)
-    with jax.sharding.use_abstract_mesh(mesh):
-        lowered = jax.jit(fn, donate_argnums=(3, 4)).trace(*args).lower(
-            lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
-    assert "output_operand_aliases" in text
+    _assert_lowers_for_h100_with_aliases(fn, args, (3, 4))
