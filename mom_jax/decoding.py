@@ -300,9 +300,9 @@ class Decoder:
             raise ValueError(f"pad_id must be an integer, got {pad_id!r}")
         self._request = (jnp.asarray(stop), sampling, int(pad_id))
         return self._start(self._run_params, jnp.asarray(prompt), jnp.asarray(lengths),
-                           _as_key(seed), jnp.asarray(stop), prefill_len=int(lengths.min()), max_len=max_len,
-                           max_new_tokens=int(max_new_tokens), sampling=sampling,
-                           pad_id=int(pad_id))
+                           _as_key(seed), jnp.asarray(stop), prefill_len=int(lengths.min()),
+                           max_len=max_len, max_new_tokens=int(max_new_tokens),
+                           sampling=sampling, pad_id=int(pad_id))
 
     def from_cache(self, cache: tuple, tokens, position: int, *, max_new_tokens: int,
                    sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),

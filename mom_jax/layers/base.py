@@ -203,7 +203,7 @@ class RecurrentMixer(nnx.Module):
                    shared_conv if has_conv and shared_state is not None else None, weights["conv"],
                    weights["decay"], update_rule=self.update_rule, num_heads=self.num_heads,
                    head_dim=self.head_dim, head_v_dim=self.head_v_dim,
-                   conv_size=self.conv_size if has_conv else 0, q_scale=self.head_dim ** -0.5,
+                   conv_size=self.conv_size if has_conv else 0, q_scale=self.q_scale,
                    eps=oc.L2NORM_EPS, interpret=jax.default_backend() == "cpu")
         state, shared_state, o = ops.decode_step(state, f["q"], f["k"], f["v"], slots=slots,
                                                  g=f["g"], gk=f["gk"], beta=f["beta"],

@@ -12,7 +12,8 @@ part of the op's forward and backward, not re-done inside each kernel's loads.  
 the XLA pre-pass ``_prepare``, on the same elementwise path as the padding of the head dims to
 powers of two and the cast to the kernels' operand dtype (so XLA can do all of it in one pass over
 q/k; how it fuses the row reduction is its choice, not checked on a GPU yet), and yields the
-per-row inverse norms rstd ([B, L, H] float32).  The custom VJP keeps the raw q/k and rstd (not a float32 normalised copy) and applies the
+per-row inverse norms rstd ([B, L, H] float32).  The custom VJP keeps the raw q/k and rstd (not a
+float32 normalised copy) and applies the
 L2-norm Jacobian dx = rstd * (dy - y <dy, y>) (y = x * rstd, dy including the q scale) to dq/dk in
 the same XLA pass that slices off the head-dim padding.  fla saves the normalised q/k instead of
 the raw ones; the Jacobian is the same.  The kernels themselves do not normalise: every kernel tiles
