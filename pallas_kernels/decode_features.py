@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mom_jax.layers.common import GLA_GATE_NORMALIZER
+
 F32 = jnp.float32
-GLA_GATE_NORMALIZER = 16.0   # mom_jax.layers.common.GLA_GATE_NORMALIZER (checked in the tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,23 +72,16 @@ def _softplus(x):
 
 def _features_kernel(*refs, spec: FeatureSpec, inputs_per_row: int, num_memories: int,
                      proj_width: int, has_shared: bool, raw_dtype):
-    refs = list(refs)
-    off_ref, slot_ref, proj_ref, decay_ref = refs[:4]
-    refs = refs[4:]
     w1 = spec.conv_size - 1 if spec.conv_size else 0
-    conv_in = shared_in = cw_ref = None
-    if w1:
-        cw_ref, conv_in = refs[0], refs[1]
-        refs = refs[2:]
-        if has_shared:
-            shared_in, refs = refs[0], refs[1:]
-    conv_out = shared_out = None
-    if w1:
-        conv_out, refs = refs[0], refs[1:]
-        if has_shared:
-            shared_out, refs = refs[0], refs[1:]
-    q_ref, k_ref, v_ref = refs[:3]
-    gate_refs = refs[3:]
+    n_hist = (1 + int(has_shared)) if w1 else 0           # conv histories: routed (, shared)
+    off_ref, slot_ref, proj_ref, decay_ref = refs[:4]
+    cw_ref = refs[4] if w1 else None
+    first = 5 if w1 else 4                                  # the first conv history ref
+    hist_in = refs[first:first + n_hist]
+    hist_out = refs[first + n_hist:first + 2 * n_hist]      # the same buffers, aliased
+    q_ref, k_ref, v_ref, *gate_refs = refs[first + 2 * n_hist:]
+    conv_in, shared_in = (tuple(hist_in) + (None, None))[:2]
+    conv_out, shared_out = (tuple(hist_out) + (None, None))[:2]
 
     h, dk, dv = spec.num_heads, spec.head_dim, spec.head_v_dim
     kd, vd = spec.key_dim, spec.value_dim
@@ -144,6 +138,7 @@ def _features_kernel(*refs, spec: FeatureSpec, inputs_per_row: int, num_memories
             a = proj_ref[pl.ds(extra + h + hd, 1)].astype(F32)
             a_neg, dt_bias = decay_ref[0, pl.ds(hd, 1)], decay_ref[1, pl.ds(hd, 1)]
             gate_refs[1][...] = a_neg * _softplus(a + dt_bias)
+
 
 def step_features_in_place(proj, col_off, slots, conv, shared_conv, conv_weight, decay_params, *,
                            update_rule: str, num_heads: int, head_dim: int, head_v_dim: int,

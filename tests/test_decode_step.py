@@ -163,12 +163,6 @@ def test_single_memory_layer_step_pallas_equals_xla(layer_cls):
     np.testing.assert_allclose(c_p.conv, c_x.conv, rtol=2e-5, atol=2e-5)
 
 
-def test_feature_kernel_gla_normalizer_matches_layers():
-    from mom_jax.layers import common as lc  # noqa: PLC0415
-    from pallas_kernels import decode_features  # noqa: PLC0415
-    assert decode_features.GLA_GATE_NORMALIZER == lc.GLA_GATE_NORMALIZER
-
-
 def _assert_lowers_for_h100_with_aliases(fn, args, donate_argnums):
     """``fn`` lowers for an H100 without a GPU: one Triton call, its outputs aliased to inputs."""
     from jax._src import mesh as mesh_lib  # noqa: PLC0415
