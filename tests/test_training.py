@@ -172,3 +172,38 @@ def test_bad_config_rejected_before_compiling(tmp_path, section, key, value, mat
 def test_unknown_model_option_rejected():
     with pytest.raises(ValueError, match="unknown model fields"):
         common.model_config(num_experts=4)
+
+
+@pytest.mark.parametrize("kw", [dict(mixer="mom"), dict(mixer="mom", impl="pallas"),
+                                dict(mixer="gated_deltanet"),
+                                dict(mixer="gated_deltanet", impl="pallas"),
+                                dict(mixer="gla"), dict(mixer="mom", attention_every=2)])
+def test_model_is_causal_in_logits_and_gradient(kw):
+    """Changing the input tokens from position CUT on changes neither the logits before it nor the
+    gradient of a loss on those logits (a forward or backward leak from the future, even by one
+    token, would).  MoM's packed stream shifts when later tokens route differently, so
+    rounding-level differences are allowed; a leak is O(1)."""
+    cfg = tiny_model(chunk_size=16, **kw)   # the Pallas kernels need chunks >= 16
+    model_fn, params = steps.ModelFn.from_module(LanguageModel(cfg, rngs=nnx.Rngs(2)))
+    n, t, cut = 2, 32, 16
+    rng = np.random.default_rng(3)
+    inputs = rng.integers(0, 64, (n, t)).astype(np.int32)
+    targets = jnp.asarray(rng.integers(0, 64, (n, cut)).astype(np.int32))
+    inputs2 = inputs.copy()
+    inputs2[:, cut:] = (inputs[:, cut:] + rng.integers(1, 64, (n, t - cut))) % 64
+
+    @jax.jit
+    def logits_and_prefix_grad(p, tokens):
+        def f(p):
+            logits, _ = model_fn(p, tokens)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :cut], targets)
+            return jnp.sum(ce), logits
+        (_, logits), g = jax.value_and_grad(f, has_aux=True)(p)
+        return logits, g
+
+    lg1, g1 = logits_and_prefix_grad(params, jnp.asarray(inputs))
+    lg2, g2 = logits_and_prefix_grad(params, jnp.asarray(inputs2))
+    assert float(jnp.max(jnp.abs(lg1[:, cut:] - lg2[:, cut:]))) > 1e-2   # the probe does change
+    np.testing.assert_allclose(lg1[:, :cut], lg2[:, :cut], rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * (1.0 + float(jnp.max(jnp.abs(a)))))
