@@ -185,7 +185,7 @@ def _ut_reference(k, v, beta, gcum):
     return t, t @ ((beta * np.exp(gcum))[:, None] * k), t @ (beta[:, None] * v)
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "masked"])
+@pytest.mark.parametrize("kernel", ["blocked", "masked", "split"])
 @pytest.mark.parametrize("chunk,dk", [(64, 64), (64, 128), (64, 256), (32, 128), (16, 64),
                                       (128, 64)])
 def test_ut_kernel_matches_float64(kernel, chunk, dk):
@@ -219,8 +219,10 @@ def test_ut_kernel_config():
     the warps default to 1 for the blocked kernel."""
     from pallas_kernels.gated_delta import triton_fwd  # noqa: PLC0415
     assert set(gd_api.UT_KERNELS) == set(triton_fwd.UT_KERNELS)
-    assert gd_api.Config().ut_kernel == "blocked" and gd_api.Config().ut_warps() == 1
+    assert gd_api.Config().ut_kernel == "split" and gd_api.Config().ut_warps() == 1
+    assert gd_api.Config(ut_kernel="blocked").ut_warps() == 1
     assert gd_api.Config(ut_kernel="masked").ut_warps() == gd_api.Config().par_num_warps
+    assert gd_api.Config(ut_kernel="split").ut_warps() == 1
     assert gd_api.Config(ut_num_warps=2).ut_warps() == 2
     with pytest.raises(ValueError, match="ut_kernel"):
         gd_api.Config(ut_kernel="fla")
@@ -231,7 +233,7 @@ def test_ut_kernel_config():
                                 interpret=True, kernel="fla")
 
 
-@pytest.mark.parametrize("ut_kernel", ["blocked", "masked"])
+@pytest.mark.parametrize("ut_kernel", ["blocked", "masked", "split"])
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_ut_kernels_end_to_end(ut_kernel, chunk):
     """Both UT kernels inside the whole forward and backward at chunk 32 / 64 (several 16-row
@@ -486,19 +488,21 @@ def _abstract_args(b=1, nc=4, h=2, dk=128, dv=128, s=2):
             sds((b, nc), jnp.int32))
 
 
-@pytest.mark.parametrize("ut_kernel", ["blocked", "masked"])
+@pytest.mark.parametrize("ut_kernel", ["blocked", "masked", "split"])
 def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
     """Forward and backward Triton kernels lower to Triton IR for an H100 without a GPU, with
-    either UT kernel (chunk 64: four 16-row blocks in the blocked one)."""
+    every UT kernel (chunk 64: four 16-row blocks in the blocked and split ones)."""
     monkeypatch.setattr(gd_api, "_interpret", lambda: False)
     with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100 80GB HBM3", "gpu")):
         lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton", ut_kernel=ut_kernel))).trace(
             *_abstract_args()).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # UT transform, forward state walk, outputs; backward: P^T dO, state walk, dq/dk/dW, WY
-    assert text.count("__gpu$xla.gpu.triton") == 7
+    split = ut_kernel == "split"   # two UT launches: gdn_ut_inverse, gdn_ut_apply
+    assert text.count("__gpu$xla.gpu.triton") == (8 if split else 7)
     assert ("gdn_ut_transform_blocked" in text) == (ut_kernel == "blocked")
-    assert "gdn_ut_transform" in text
+    assert ("gdn_ut_inverse" in text and "gdn_ut_apply" in text) == split
+    assert ("gdn_ut_transform" in text) != split
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from mom_jax.ops.common import PackedLayout, l2norm_rstd, l2norm_vjp, qk_feature
 from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
-UT_KERNELS = ("blocked", "masked")  # keys of triton_fwd.UT_KERNELS (not imported here: lazy)
+UT_KERNELS = ("blocked", "masked", "split")  # keys of triton_fwd.UT_KERNELS (not imported here: lazy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,13 @@ class Config:
     ut_kernel: the Triton UT transform (T = (I + A)^-1, W, U per chunk): "blocked" (16 x 16
       blocks read straight from the refs, diagonal blocks by forward substitution on 16 x 16
       tiles, off-diagonal blocks by block substitution; one warp per program) or "masked" (the
-      earlier kernel: whole C x C tiles, 15 masked full-tile substitution steps, then merges).
+      earlier kernel: whole C x C tiles, 15 masked full-tile substitution steps, then merges) or
+      "split" (two launches: T alone on 16 x 16 blocks, the diagonal blocks' substitutions
+      interleaved, then W and U from the stored T with par_num_warps warps).
       Same results up to rounding; see benchmarks/NOTES_kernels.md for the timings.
-    ut_num_warps: warps of a UT transform program (None: 1 for "blocked", whose tiles are all
-      16 rows high and would only be replicated across more warps; par_num_warps for "masked").
+    ut_num_warps: warps of a UT transform program (None: 1 for "blocked" and for the inverse
+      kernel of "split", whose tiles are all 16 rows high and would only be replicated across
+      more warps; par_num_warps for "masked").
     block_v: value-dimension block of a sequential walk program (None: min(dv, 32)).
     par_block_v: value block that the chunk-parallel kernels loop over inside a program.
     block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
@@ -85,13 +88,13 @@ class Config:
     backend: str = "auto"
     precision: str = "bf16"
     ut_precision: str = "tf32x3"
-    ut_kernel: str = "blocked"
+    ut_kernel: str = "split"
     ut_num_warps: int | None = None
     block_v: int | None = None
     block_k: int = 64
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 2
-    par_num_warps: int = 8
+    par_num_warps: int = 4
     par_block_v: int = 64
     bwd: str = "pallas"
     bwd_block_v: int | None = None
@@ -113,7 +116,7 @@ class Config:
         """Warps of a UT transform program (resolves ``ut_num_warps=None``)."""
         if self.ut_num_warps is not None:
             return self.ut_num_warps
-        return 1 if self.ut_kernel == "blocked" else self.par_num_warps
+        return self.par_num_warps if self.ut_kernel == "masked" else 1
 
 
 DEFAULT_CONFIG = Config()
@@ -233,7 +236,8 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                       ut_precision=config.ut_precision,
                                       precision=config.precision, with_t=store,
                                       block_k=block_k, block_v=par_block_v,
-                                      kernel=config.ut_kernel)
+                                      kernel=config.ut_kernel,
+                                      wu_num_warps=config.par_num_warps)
     h, v_new, final = triton_fwd.state_walk(
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,

@@ -2,8 +2,9 @@
 
 Three launches (notation of ``common``; Kb = diag(b e^G) K, Vb = diag(b) V):
   1. ``ut_transform`` (chunk-parallel, grid (B, Nc, H)): T = (I + A)^-1, W = T Kb, U = T Vb, by
-     one of two kernels: ``_ut_kernel_blocked`` (16 x 16 blocks, one warp; the default) or
-     ``_ut_kernel`` ("masked": whole C x C tiles).
+     one of three kernels: ``_ut_kernel_blocked`` (16 x 16 blocks, one warp; the default),
+     ``_ut_kernel`` ("masked": whole C x C tiles) or "split" (two launches: T alone on 16 x 16
+     blocks, then W and U from the stored T).
   2. ``state_walk`` (grid (B*S, H, dv/BV)): each program walks the chunks of its segment in order
      with the [dk, BV] float32 state S (held as dk/BK tiles) in registers, applying the segment's
      initial state (or zero) at the chunk that starts a run and writing the segment's final state at
@@ -50,7 +51,13 @@ def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, p
     t = cm.ut_inverse(cm.strict_a_from_kk(kk, beta, gates.gcum), ut_precision)
     if t_ref is not None:
         t_ref[...] = t
-    beg = (beta * gates.eg)[:, None]
+    _apply_t(t, k_ref, v_ref, beta, gates.eg, w_ref, u_ref, precision, block_k, block_v)
+
+
+def _apply_t(t, k_ref, v_ref, beta, eg, w_ref, u_ref, precision, block_k, block_v):
+    """W = T diag(b e^G) K and U = T diag(b) V as [C, C] x [C, block] dots, stored block by block.
+    t: [C, C] float32; beta, eg: [C] float32."""
+    beg = (beta * eg)[:, None]
 
     def key_block(col, carry):
         w_ref[:, col] = cm.mm(t, k_ref[:, col] * beg, precision).astype(w_ref.dtype)
@@ -60,8 +67,56 @@ def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, p
         u_ref[:, col] = cm.mm(t, v_ref[:, col] * beta[:, None], precision).astype(u_ref.dtype)
         return carry
 
-    tc.fori_blocks(dk, block_k, key_block, 0)
+    tc.fori_blocks(k_ref.shape[1], block_k, key_block, 0)
     tc.fori_blocks(v_ref.shape[1], block_v, value_block, 0)
+
+
+def _ut_inverse_kernel(k_ref, beta_ref, g_ref, t_ref, *, ut_precision, gram_block_k):
+    """First kernel of the "split" UT transform: T = (I + A)^-1 only, on s x s blocks (s = 16,
+    n = C/s row blocks read straight from the refs), all row blocks together:
+      1. the n(n+1)/2 Gram blocks K_i K_j^T (j <= i) in one loop over dk;
+      2. the n diagonal inverses T_ii by forward substitution in ONE loop of s - 1 steps
+         (``cm.diag_block_inverses`` on the list: n independent chains per step, where the
+         "blocked" kernel runs them one after the other);
+      3. T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``), row block by row block.
+    Writes T [C, C] float32 (zero above the diagonal).  Refs: k [C, dk], beta, g [C]."""
+    c, dk = k_ref.shape
+    s = min(cm.SUB_BLOCK, c)
+    n = c // s
+    rows = [pl.ds(i * s, s) for i in range(n)]
+    upper = cm.iota2(s, s, 1) > cm.iota2(s, s, 0)
+    zeros = jnp.zeros((s, s), F32)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1)]
+
+    def gram_block(col, accs):
+        ks = [k_ref[rows[i], col] for i in range(n)]
+        return tuple(acc + cm.mm(ks[i], ks[j], ut_precision, tb=True)
+                     for (i, j), acc in zip(pairs, accs))
+
+    kk = dict(zip(pairs, tc.fori_blocks(dk, gram_block_k, gram_block, (zeros,) * len(pairs))))
+    betas = [beta_ref[rows[i]].astype(F32) for i in range(n)]
+    gs = [g_ref[rows[i]] for i in range(n)]
+    a_ts = [jnp.where(upper, betas[i][None, :] * kk[(i, i)] *          # A_ii^T, strictly upper
+                      jnp.exp(jnp.where(upper, gs[i][None, :] - gs[i][:, None], 0.0)), 0.0)
+            for i in range(n)]
+    t = {(i, i): x for i, x in enumerate(cm.diag_block_inverses(a_ts))}
+    for i in range(n):
+        a_row = [betas[i][:, None] * jnp.exp(gs[i][:, None] - gs[j][None, :]) * kk[(i, j)]
+                 for j in range(i)]
+        t.update({(i, j): x for j, x in enumerate(
+            cm.block_row_of_inverse(a_row, t, i, ut_precision))})
+        for j in range(n):
+            t_ref[rows[i], pl.ds(j * s, s)] = t[(i, j)] if j <= i else zeros
+
+
+def _wu_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, w_ref, u_ref, *, precision, block_k,
+               block_v):
+    """Second kernel of the "split" UT transform: W = T Kb, U = T Vb from the stored T, as
+    [C, C] x [C, block] dots (M = C rows: the work splits over the program's warps).
+    Refs: k [C, dk], v [C, dv], beta, g [C], t [C, C]; outputs w [C, dk], u [C, dv]."""
+    rows = pl.ds(0, k_ref.shape[0])
+    _apply_t(t_ref[...], k_ref, v_ref, beta_ref[rows].astype(F32), jnp.exp(g_ref[rows]), w_ref,
+             u_ref, precision, block_k, block_v)
 
 
 def _ut_kernel_blocked(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, precision,
@@ -125,13 +180,14 @@ def _ut_kernel_blocked(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_prec
             v_ref, u_ref, lambda j: beta_ref[rows[j]].astype(F32)[:, None]), 0)
 
 
-UT_KERNELS = {"masked": _ut_kernel, "blocked": _ut_kernel_blocked}
+UT_KERNELS = {"masked": _ut_kernel, "blocked": _ut_kernel_blocked,
+              "split": (_ut_inverse_kernel, _wu_kernel)}  # two launches
 
 
 def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
                  ut_precision: str = "tf32x3", precision: str = "bf16", with_t: bool = True,
                  block_k: int = 64, block_v: int = 64, kernel: str = "blocked",
-                 gram_block_k: int = 16):
+                 gram_block_k: int = 16, wu_num_warps: int = 4):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L] float32 ->
     (T [B, H, L, C] float32 or None, W [B, L, H, dk], U [B, L, H, dv] float32).
 
@@ -139,9 +195,11 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     ut_precision: dots of A = K K^T and of the inverse, "tf32x3" (three tf32 tensor-core passes,
     ~fp32 accuracy) or "ieee" (FMA dots; these spill heavily at dk >= 128, see NOTES_kernels.md).
     precision: dots W = T Kb and U = T Vb.
-    kernel: "blocked" (``_ut_kernel_blocked``: 16 x 16 blocks) or "masked" (``_ut_kernel``: whole
-    C x C tiles, ``cm.ut_inverse``); same outputs up to rounding.
-    gram_block_k: (blocked only) key columns per step of the K_i K_j^T loop."""
+    kernel: "blocked" (``_ut_kernel_blocked``: 16 x 16 blocks), "masked" (``_ut_kernel``: whole
+    C x C tiles, ``cm.ut_inverse``) or "split" (two launches: ``_ut_inverse_kernel`` writes T with
+    ``num_warps`` warps, ``_wu_kernel`` reads it back for W and U with ``wu_num_warps``); same
+    outputs up to rounding.
+    gram_block_k: (blocked, split) key columns per step of the K_i K_j^T loop."""
     if kernel not in UT_KERNELS:
         raise ValueError(f"unknown UT kernel {kernel!r}; one of {sorted(UT_KERNELS)}")
     b, l, h, dk = k.shape
@@ -149,18 +207,36 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     nc = l // chunk
     tok = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))  # noqa: E731
     gate = pl.BlockSpec((None, None, chunk), lambda i, c, j: (i, j, c))
-    out_shape = [jax.ShapeDtypeStruct((b, l, h, dk), tc.operand_dtype(precision, interpret)),
+    tmat = pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0))
+    t_shape = jax.ShapeDtypeStruct((b, h, l, chunk), F32)
+    wu_shapes = [jax.ShapeDtypeStruct((b, l, h, dk), tc.operand_dtype(precision, interpret)),
                  jax.ShapeDtypeStruct((b, l, h, dv), F32)]
-    out_specs = [tok(dk), tok(dv)]
+    ut_prec = resolve_precision(ut_precision, interpret)
+    prec = resolve_precision(precision, interpret)
+    blocks = dict(block_k=min(block_k, dk), block_v=min(block_v, dv))
+    if kernel == "split":
+        inverse_kernel, wu_kernel = UT_KERNELS[kernel]
+        t = pl.pallas_call(
+            functools.partial(inverse_kernel, ut_precision=ut_prec,
+                              gram_block_k=min(gram_block_k, dk)),
+            out_shape=t_shape, grid=(b, nc, h), in_specs=[tok(dk), gate, gate], out_specs=tmat,
+            compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+            name="gdn_ut_inverse")(k, beta_t, gcum_t)
+        w, u = pl.pallas_call(
+            functools.partial(wu_kernel, precision=prec, **blocks),
+            out_shape=tuple(wu_shapes), grid=(b, nc, h),
+            in_specs=[tok(dk), tok(dv), gate, gate, tmat], out_specs=(tok(dk), tok(dv)),
+            compiler_params=tc.triton_params(wu_num_warps, 1), interpret=interpret,
+            name="gdn_ut_apply")(k, v, beta_t, gcum_t, t)
+        return (t if with_t else None), w, u
+    out_shape, out_specs = list(wu_shapes), [tok(dk), tok(dv)]
     if with_t:
-        out_shape.insert(0, jax.ShapeDtypeStruct((b, h, l, chunk), F32))
-        out_specs.insert(0, pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0)))
+        out_shape.insert(0, t_shape)
+        out_specs.insert(0, tmat)
     extra = dict(gram_block_k=min(gram_block_k, dk)) if kernel == "blocked" else {}
     outs = pl.pallas_call(
-        functools.partial(UT_KERNELS[kernel], with_t=with_t, **extra,
-                          ut_precision=resolve_precision(ut_precision, interpret),
-                          precision=resolve_precision(precision, interpret),
-                          block_k=min(block_k, dk), block_v=min(block_v, dv)),
+        functools.partial(UT_KERNELS[kernel], with_t=with_t, **extra, ut_precision=ut_prec,
+                          precision=prec, **blocks),
         out_shape=tuple(out_shape),
         grid=(b, nc, h),
         in_specs=[tok(dk), tok(dv), gate, gate],
