@@ -2,7 +2,10 @@
 
 Usage (GPU machine):  python -m benchmarks.bench_layer [--impls xla,pallas] [--projections dense]
                           [--shapes 8x2048,2x8192] [--out benchmarks/results/x.json]
-Several impls run side by side in one process (same card, same inputs).
+                          [--kernel-configs '{}' '{"ut_kernel": "blocked"}']
+Several impls run side by side in one process (same card, same inputs); with --kernel-configs, the
+pallas impl once per kernel configuration (JSON fields of ``pallas_kernels.gated_delta.Config``
+over the defaults).
 
 Method: jit once, 3 warm-up calls (benchmarks/timing.py), then ``--repeats`` timed calls, each ended by
 ``jax.block_until_ready``; the median is reported (min and max too).  Inputs are random normal
@@ -12,6 +15,7 @@ and the input.  The card and versions are printed and stored with the numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -21,6 +25,7 @@ from flax import nnx
 
 from benchmarks.timing import time_fn
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+from pallas_kernels import gated_delta as gd_kernels
 
 
 def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.bfloat16):
@@ -72,7 +77,13 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--quick", action="store_true", help="one small config (smoke test)")
     ap.add_argument("--shapes", default="8x2048,2x8192", help="comma list of BxT")
+    ap.add_argument("--kernel-configs", nargs="*", default=["{}"],
+                    help="JSON Config overrides for impl=pallas, each timed side by side")
     args = ap.parse_args()
+    base_config = gd_kernels.get_default_config()
+    kernel_configs = [json.loads(c) for c in args.kernel_configs]
+    for c in kernel_configs:
+        dataclasses.replace(base_config, **c)   # unknown fields / bad values fail here
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     d, h, dk = 1024, 4, 256
@@ -91,19 +102,25 @@ def main():
     rows = []
     for name, kw, b, t in configs:
         for impl in impls:
-            cls = MoMLayer if name == "MoM" else GatedDeltaNetLayer
-            layer = cls(d, num_heads=h, head_dim=dk, impl=impl, dtype=jnp.bfloat16,
-                        rngs=nnx.Rngs(0), **kw)
-            res = bench_layer(layer, b, t, d, args.repeats)
-            row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=impl, **kw,
-                       **res)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\n| layer | E | proj | B x T | impl | fwd ms | fwd+bwd ms |  ({dev.device_kind})")
+            for kc in (kernel_configs if impl == "pallas" else [{}]):
+                gd_kernels.set_default_config(dataclasses.replace(base_config, **kc))
+                cls = MoMLayer if name == "MoM" else GatedDeltaNetLayer
+                layer = cls(d, num_heads=h, head_dim=dk, impl=impl, dtype=jnp.bfloat16,
+                            rngs=nnx.Rngs(0), **kw)
+                res = bench_layer(layer, b, t, d, args.repeats)
+                row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=impl,
+                           **kw, **res)
+                if impl == "pallas":
+                    row["kernel_config"] = json.dumps(kc)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            gd_kernels.set_default_config(base_config)
+    print(f"\n| layer | E | proj | B x T | impl | kernel config | fwd ms | fwd+bwd ms |  "
+          f"({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
-              f"| {r['batch']}x{r['seq']} | {r['impl']} | {r['fwd_ms']:.2f} | "
-              f"{r['fwd_bwd_ms']:.2f} |")
+              f"| {r['batch']}x{r['seq']} | {r['impl']} | {r.get('kernel_config', '-')} | "
+              f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
