@@ -18,12 +18,16 @@ head-major [B, H, L, d] so that blocks are (C, d) with C a multiple of 8 and d t
 a multiple of 128 for value blocks).  The UT transform (T = (I + A)^-1) is computed per chunk inside
 the same kernel: with the default BV = dv there is nothing to share between programs.
 
-The backward pass on TPU is the VJP of the chunked XLA form (``api`` falls back to it).
+For the backward (``Config.bwd="pallas"``, the default) the forward also stores the state at the
+start of every chunk (``store_states``: h [B, H, Nc, dk, dv] float32), and ``mosaic_bwd`` walks the
+chunks in reverse with one Mosaic kernel that recomputes each chunk's UT transform from its inputs
+and h.  ``Config.bwd="xla"`` takes the VJP of the chunked XLA form instead (``api._xla_vjp``).
 
 A segment split into several runs of chunks (never produced by the packers) revisits its final-state
 block non-consecutively.  On the hardware that is still right (the block is fully rewritten at the end
 of every run and the last write-back wins), but the TPU interpreter rejects revisits, so that case is
-only tested on the Triton path.
+only tested end to end on the Triton path (the Mosaic backward, which writes d(initial state) per
+run, is tested on it from reference chunk-start states).
 """
 from __future__ import annotations
 
