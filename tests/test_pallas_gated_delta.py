@@ -7,6 +7,7 @@ and the Mosaic kernels lower for TPU without the hardware.
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,31 +75,45 @@ def make_case(name, *, chunk=16, h=2, dk=32, dv=32, seed=0, init=True, gated=Tru
                 rule="gated_delta" if gated else "delta")
 
 
+STATIC_KEYS = ("rule", "qk")  # case entries that are not arrays
+
+
 def run(case, impl, config=None):
-    kw = dict(layout=case["layout"], initial_state=case["h0"], output_final_state=True)
+    """Forward of a case; ``case["qk"]`` (optional): use_qk_l2norm / scale of the op."""
+    kw = dict(layout=case["layout"], initial_state=case["h0"], output_final_state=True,
+              **case.get("qk", {}))
     if impl == "pallas" and config is not None:
         return gd_api.gated_delta_packed(case["q"], case["k"], case["v"], case["g"], case["beta"],
-                                         case["layout"], case["h0"], True, config=config)
+                                         config=config, **kw)
     return ops.packed_recurrence(case["rule"], case["q"], case["k"], case["v"], g=case["g"],
                                  beta=case["beta"], impl=impl, **kw)
 
 
 def jrun(case, impl, config=None):
-    """run() under jax.jit (the rule string stays outside the traced arguments)."""
-    arrays = {n: x for n, x in case.items() if n != "rule"}
-    return jax.jit(lambda a: run(dict(a, rule=case["rule"]), impl, config))(arrays)
+    """run() under jax.jit (the rule string and q/k options stay outside the traced arguments)."""
+    arrays = {n: x for n, x in case.items() if n not in STATIC_KEYS}
+    static = {n: x for n, x in case.items() if n in STATIC_KEYS}
+    return jax.jit(lambda a: run(dict(a, **static), impl, config))(arrays)
 
 
-def grads(case, impl, config=None):
+def cotangents(case):
+    """The cotangents of (o, final state) that ``grads`` uses."""
     ct = jax.random.normal(jax.random.PRNGKey(11), case["v"].shape)
     b, s = case["layout"].chunk_segment.shape[0], case["layout"].num_segments
     ctf = jax.random.normal(jax.random.PRNGKey(12), (b, s) + case["q"].shape[2:] + case["v"].shape[-1:])
+    return ct, ctf
+
+
+def grads(case, impl, config=None, o_weight=1.0):
+    """Gradients of sum(o * ct) * o_weight + sum(final * ctf) w.r.t. every array input of the case
+    (o_weight=0: the final-state cotangent alone)."""
+    ct, ctf = cotangents(case)
     names = [n for n in ("q", "k", "v", "g", "beta", "h0") if case[n] is not None]
 
     def loss(*arrays):
         c = dict(case, **dict(zip(names, arrays)))
         o, final = run(c, impl, config)
-        return jnp.sum(o * ct) + jnp.sum(final * ctf)
+        return o_weight * jnp.sum(o * ct) + jnp.sum(final * ctf)
 
     return dict(zip(names, jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(
         *[case[n] for n in names])))
@@ -522,11 +537,165 @@ def test_mosaic_forward_matches_scan(name, gated, init):
     assert rel_err(final, final_ref) < F32_REL
 
 
-def test_mosaic_gradients_match_scan():
-    case = make_case("packed", seed=13)
+def _chunk_reference(q, k, v, beta, g, h):
+    """One chunk of the gated delta rule in plain jnp (its own code: a triangular solve for T,
+    g the per-token log-decay): returns (o [C, dv], state after the chunk [dk, dv])."""
+    c = q.shape[0]
+    hp = jax.lax.Precision.HIGHEST
+    mm = functools.partial(jnp.dot, precision=hp)
+    gc = jnp.cumsum(g)
+    diff = gc[:, None] - gc[None, :]
+    strict, incl = jnp.tri(c, k=-1, dtype=bool), jnp.tri(c, dtype=bool)
+    decay = lambda m: jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)  # noqa: E731
+    a = beta[:, None] * mm(k, k.T) * decay(strict)
+    t = jax.scipy.linalg.solve_triangular(jnp.eye(c) + a, jnp.eye(c), lower=True,
+                                          unit_diagonal=True)
+    u = mm(t, v * beta[:, None]) - mm(mm(t, k * (beta * jnp.exp(gc))[:, None]), h)
+    o = mm(q * jnp.exp(gc)[:, None], h) + mm(mm(q, k.T) * decay(incl), u)
+    return o, jnp.exp(gc[-1]) * h + mm((k * jnp.exp(gc[-1] - gc)[:, None]).T, u)
+
+
+@pytest.mark.parametrize("chunk,padded", [(16, False), (64, True)])
+def test_mosaic_chunk_grads_match_vjp(chunk, padded):
+    """The backward kernel's chunk algebra (``mosaic_bwd.chunk_grads``, plain arrays, no kernel)
+    against jax.vjp of a plain-jnp chunk; ``padded``: correlated keys and the last 20 rows empty
+    (zero k, v, beta, g: a segment shorter than the chunk)."""
+    from pallas_kernels.gated_delta import mosaic_bwd  # noqa: PLC0415
+    dk, dv = 32, 48
+    ks = jax.random.split(jax.random.PRNGKey(chunk), 8)
+    k = jax.random.normal(ks[1], (chunk, dk)) + (2.0 * jax.random.normal(ks[7], (dk,)) if padded
+                                                 else 0.0)
+    keep = (jnp.arange(chunk) < chunk - 20)[:, None] if padded else jnp.ones((chunk, 1), bool)
+    q, k = l2norm(jax.random.normal(ks[0], (chunk, dk))) * dk ** -0.5, l2norm(k) * keep
+    v = jax.random.normal(ks[2], (chunk, dv)) * keep
+    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (chunk,))) * keep[:, 0]
+    g = jax.nn.log_sigmoid(1.5 * jax.random.normal(ks[4], (chunk,)) + 2.5) * keep[:, 0]
+    h = 0.5 * jax.random.normal(ks[5], (dk, dv))
+    do, ds = jax.random.normal(ks[6], (chunk, dv)), jax.random.normal(ks[7], (dk, dv))
+    _, vjp = jax.vjp(_chunk_reference, q, k, v, beta, g, h)
+    ref = vjp((do, ds))
+    gc = jnp.cumsum(g)
+    dq, dk_, dv_, dbeta, dgc, dh = jax.jit(mosaic_bwd.chunk_grads)(
+        q, k, v, beta[:, None], gc[:, None], gc[None, :], h, do, ds)
+    dg = jnp.cumsum(dgc[::-1, 0])[::-1]  # dG (w.r.t. the cumsum) -> dg, as the wrapper does
+    for n, x, r in zip(("q", "k", "v", "beta", "g", "h"), (dq, dk_, dv_, dbeta[:, 0], dg, dh),
+                       ref):
+        assert rel_err(x, r) < 1e-5, n
+
+
+@pytest.fixture
+def mosaic_bwd_calls(monkeypatch):
+    """Counts the calls of the Mosaic backward kernel's wrapper (so a test sees it was used)."""
+    from pallas_kernels.gated_delta import mosaic_bwd  # noqa: PLC0415
+    calls = []
+    original = mosaic_bwd.gated_delta_bwd
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mosaic_bwd, "gated_delta_bwd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name,kw,config", [
+    pytest.param("packed", dict(), MOSAIC, id="packed_init"),
+    pytest.param("packed", dict(gated=False, init=False), MOSAIC, id="packed_delta_rule"),
+    pytest.param("long", dict(), MOSAIC, id="long_segment"),
+    pytest.param("c64", dict(chunk=64, h=1, dk=32, dv=64), MOSAIC, id="chunk64"),
+    pytest.param("packed", dict(dk=16, dv=256, h=1), gd_api.Config(backend="mosaic", block_v=128),
+                 id="fwd_value_blocks"),
+    pytest.param("packed", dict(), gd_api.Config(backend="mosaic", bwd="xla"), id="xla_backward"),
+])
+def test_mosaic_gradients_match_scan(mosaic_bwd_calls, name, kw, config):
+    """Every gradient (q, k, v, g, beta, initial state) of the Mosaic kernels against the scan,
+    with cotangents on o and on the final state: packed layout (a segment of 20 tokens over two
+    chunks, one of 5, an empty one, unused chunks between and after, initial states), the delta
+    rule (g None) without initial state, one segment over six chunks, chunk 64 (three chunks and a
+    short segment), a forward in two 128-wide value blocks (chunk-start states stored per block,
+    the backward takes all 256 columns at once); and that Config(bwd="xla") still takes the XLA
+    VJP instead of the kernel."""
+    if name == "c64":
+        LAYOUTS["c64m"] = ([[0, 0, 0, 1, -1]], 3, [[3 * 64, 30, 0]])
+        name = "c64m"
+    case = make_case(name, seed=13, **kw)
+    gp, gs = grads(case, "pallas", config), grads(case, "scan")
+    assert set(gp) == set(gs)
+    for n in gs:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+    assert len(mosaic_bwd_calls) == (config.bwd == "pallas")
+
+
+def test_mosaic_final_state_cotangent_only(mosaic_bwd_calls):
+    """Only the final state has a cotangent (dO = 0): the dS walk from d(final) alone, through
+    empty, short and multi-chunk segments, to d(initial state) and every input."""
+    case = make_case("packed", seed=15)
+    gp, gs = grads(case, "pallas", MOSAIC, o_weight=0.0), grads(case, "scan", o_weight=0.0)
+    np.testing.assert_array_equal(np.asarray(gp.pop("q")), 0.0)  # the final state ignores q
+    for n in gp:
+        assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+    assert len(mosaic_bwd_calls) == 1
+
+
+def test_mosaic_qk_l2norm_matches_scan(mosaic_bwd_calls):
+    """use_qk_l2norm=True with a q scale on raw q, k: the kernels see q', k' and the custom VJP
+    applies the L2-norm Jacobian to their dq, dk; forward and every gradient against the scan
+    with the same options."""
+    case = make_case("packed", seed=19)
+    ks = jax.random.split(jax.random.PRNGKey(43), 2)
+    used = (case["v"] != 0).any(-1, keepdims=True)
+    case = dict(case, q=1.7 * jax.random.normal(ks[0], case["q"].shape),
+                k=1.3 * jax.random.normal(ks[1], case["k"].shape) * used,
+                qk=dict(use_qk_l2norm=True, scale=case["q"].shape[-1] ** -0.5))
+    o, final = jrun(case, "pallas", MOSAIC)
+    o_ref, final_ref = jrun(case, "scan")
+    assert rel_err(o, o_ref) < F32_REL and rel_err(final, final_ref) < F32_REL
     gp, gs = grads(case, "pallas", MOSAIC), grads(case, "scan")
     for n in gs:
         assert rel_err(gp[n], gs[n]) < GRAD_REL, n
+    assert len(mosaic_bwd_calls) == 1
+
+
+def _chunk_start_states(case):
+    """Reference state at the start of every chunk, [B, H, Nc, dk, dv], from the token scan: each
+    chunk is made its own "segment" (so the scan records the state after it) while the resets
+    stay those of the layout, with the segment's initial state at a run start."""
+    from mom_jax.ops.scan import recurrent_scan  # noqa: PLC0415
+    layout = case["layout"]
+    seg = layout.chunk_segment
+    b, nc = seg.shape
+    chunk = layout.chunk_size
+    h, dk, dv = case["q"].shape[2], case["q"].shape[3], case["v"].shape[3]
+    h0 = case["h0"] if case["h0"] is not None else jnp.zeros((b, layout.num_segments, h, dk, dv))
+    init = jnp.where((seg >= 0)[..., None, None, None],
+                     h0[jnp.arange(b)[:, None], jnp.maximum(seg, 0)], 0.0)   # [B, Nc, H, dk, dv]
+    start, _ = layout.token_view()
+    token_chunk = jnp.broadcast_to(jnp.repeat(jnp.arange(nc), chunk), start.shape)
+    _, after = recurrent_scan(case["q"], case["k"], case["v"], g=case["g"], beta=case["beta"],
+                              delta=True, token_start=start, token_segment=token_chunk,
+                              num_segments=nc, initial_state=init)
+    before = jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
+    states = jnp.where(layout.chunk_first()[..., None, None, None], init, before)
+    return jnp.transpose(states, (0, 2, 1, 3, 4))
+
+
+def test_mosaic_backward_split_runs():
+    """A segment split into two runs (restart from its initial state; dS = 0 at the end of the
+    earlier run, d(final) at the end of the last; d(initial state) = the sum over its runs).  The
+    Mosaic forward cannot run this layout in the TPU interpreter (it revisits the final-state
+    block), so the backward kernel is called on reference chunk-start states from the scan."""
+    from pallas_kernels.gated_delta import mosaic_bwd  # noqa: PLC0415
+    case = make_case("split_runs", seed=17)
+    flags, _ = mosaic_bwd.walk_flags(case["layout"])
+    np.testing.assert_array_equal(np.asarray(flags[2]), [[0, 2, 1, 1, 0, 1]])   # end flags
+    ct, ctf = cotangents(case)
+    names = ("q", "k", "v", "g", "beta", "h0")
+    got = jax.jit(functools.partial(mosaic_bwd.gated_delta_bwd, has_init=True, interpret=True))(
+        case["q"], case["k"], case["v"], case["g"], case["beta"], case["layout"],
+        _chunk_start_states(case), ct, ctf)
+    gs = grads(case, "scan")
+    for n, x in zip(names, (got[0], got[1], got[2], got[3], got[4], got[5])):
+        assert rel_err(x, gs[n]) < GRAD_REL, n
 
 
 def _mosaic_fn():
@@ -537,12 +706,19 @@ def _mosaic_fn():
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5))
 
 
-def test_mosaic_kernel_lowers_for_tpu(monkeypatch):
+@pytest.mark.parametrize("bwd", ["pallas", "xla"])
+def test_mosaic_kernel_lowers_for_tpu(monkeypatch, bwd):
+    """Value and gradient lower for TPU without one: the forward kernel and, with bwd="pallas",
+    the backward kernel (two Mosaic custom calls; bwd="xla": the forward only)."""
     monkeypatch.setattr(gd_api, "_interpret", lambda: False)
+    monkeypatch.setattr(sys.modules[__name__], "MOSAIC", gd_api.Config(backend="mosaic", bwd=bwd))
     with jax.sharding.use_abstract_mesh(_abstract_mesh("TPU v5 lite", "tpu")):
         lowered = jax.jit(_mosaic_fn()).trace(
             *_abstract_args(dk=256, dv=256)).lower(lowering_platforms=("tpu",))
-    assert lowered.as_text().count("tpu_custom_call") == 1
+    text = lowered.as_text()
+    assert text.count("tpu_custom_call") == (2 if bwd == "pallas" else 1)
+    assert 'kernel_name = "gdn_mosaic_fwd"' in text
+    assert ('kernel_name = "gdn_mosaic_bwd"' in text) == (bwd == "pallas")
 
 
 def test_mosaic_kernel_compiles_for_tpu_topology(monkeypatch):

@@ -23,10 +23,11 @@ so its Jacobian could not be applied there), while the pre-pass already reads an
 for the padding and the operand cast.
 
 Backends: "triton" (GPU; on CPU in interpret mode), "mosaic" (TPU; on CPU in TPU interpret mode).
-The backward pass is either the Pallas backward kernels (``Config.bwd="pallas"``, GPU/CPU only) or the
-VJP of the chunked XLA form (``Config.bwd="xla"``, recomputes from the inputs).  A chunk size the
-kernels cannot take (not a power of two >= 16) falls back to the chunked XLA form, with a warning
-once per chunk size.
+The backward pass is either the Pallas backward kernels (``Config.bwd="pallas"``: four Triton
+kernels, ``triton_bwd``, or one Mosaic kernel, ``mosaic_bwd``, each from chunk-start states the
+forward stores) or the VJP of the chunked XLA form (``Config.bwd="xla"``, recomputes from the
+inputs).  A chunk size the kernels cannot take (not a power of two >= 16) falls back to the chunked
+XLA form, with a warning once per chunk size.
 """
 from __future__ import annotations
 
@@ -69,16 +70,19 @@ class Config:
     ut_num_warps: warps of a UT transform program (None: 1 for "blocked" and for the inverse
       kernel of "split", whose tiles are all 16 rows high and would only be replicated across
       more warps; par_num_warps for "masked").
-    block_v: value-dimension block of a sequential walk program (None: min(dv, 32)).
+    block_v: value-dimension block of a sequential walk program (None: min(dv, 32)).  The Mosaic
+      forward uses it only when it is a multiple of 128 (else the whole value dim).
     par_block_v: value block that the chunk-parallel kernels loop over inside a program.
     block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
       splits dk into blocks of this size).
     num_warps, num_stages: the two sequential walks (forward state walk, backward dS walk).
-    par_num_warps: the chunk-parallel kernels (outputs, dq/dk/dW, WY backward; the UT transform
-      with ut_kernel="masked" unless ut_num_warps is set).
-    bwd: "pallas" (Triton: a sequential dS walk, then two chunk-parallel gradient kernels) or
-      "xla" (VJP of the chunked XLA form).  Mosaic always uses "xla".
-    bwd_block_v: value block of the backward dS walk (None: block_v).
+    par_num_warps: the chunk-parallel kernels (outputs, dq/dk/dW, WY backward, the W/U kernel of
+      ut_kernel="split"; the UT transform with ut_kernel="masked" unless ut_num_warps is set).
+    bwd: "pallas" (Triton: a chunk-parallel P^T dO kernel, a sequential dS walk, then two
+      chunk-parallel gradient kernels; Mosaic: one reverse chunk walk per (row, head) with the whole
+      value dim as one block, ``mosaic_bwd``) or "xla" (VJP of the chunked XLA form).
+    bwd_block_v: value block of the Triton backward dS walk (None: block_v).  The Mosaic
+      backward always takes the whole value dim as one block.
     bwd_num_stages: software-pipelining stages of the backward dS walk (None: num_stages, or 1
       where two stages of its q/k/W chunk tiles would need more than ~160 KB of shared memory,
       i.e. dk = 256 with bf16 operands: the ptxas proxy put that at 217 KB of the 227 KB).
@@ -212,12 +216,14 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     backend = _backend(config)
     if backend == "mosaic":  # the features next to the kernel's head-major transposes (XLA)
         qn, kn, rstd = _qk_in(q, k, qk_norm, scale)
-        o, final = mosaic.gated_delta_fwd(qn, kn, v, g, beta, layout, init, interpret=interpret,
-                                          block_v=config.block_v if config.block_v and
-                                          config.block_v % 128 == 0 else None,
-                                          precision=mosaic.resolve_precision(config.precision,
-                                                                             interpret))
-        return o, final, None, rstd
+        store = for_bwd and config.bwd == "pallas"
+        o, final, *h = mosaic.gated_delta_fwd(
+            qn, kn, v, g, beta, layout, init, interpret=interpret,
+            block_v=config.block_v if config.block_v and config.block_v % 128 == 0 else None,
+            precision=mosaic.resolve_precision(config.precision, interpret), store_states=store)
+        # Residual for the Mosaic backward: the chunk-start states (q', k' are recomputed there
+        # from the raw q, k and rstd, as ``_xla_vjp`` does).
+        return o, final, (tuple(h) if store else None), rstd
     qp, kp, vp, beta_t, gcum_t, initp, rstd = _prepare(q, k, v, g, beta, init, chunk,
                                                        qk_norm=qk_norm, scale=scale)
     k_ut = kp  # the UT transform forms A = K K^T from K as given (tf32x3 / fp32 dots)
@@ -285,14 +291,31 @@ def _xla_vjp(res, cts, num_segments, chunk, has_g, scale):
     return vjp(cts)
 
 
+def _mosaic_bwd(res, do, dfinal, num_segments, chunk, has_g, config, scale):
+    """The Mosaic backward kernel (``mosaic_bwd``) w.r.t. (q', k', v, g, beta, init), q', k' the
+    kernels' q/k, from the residuals (the forward stored the chunk-start states)."""
+    from pallas_kernels.gated_delta import mosaic, mosaic_bwd  # noqa: PLC0415
+    q, k, v, g, beta, init, chunk_segment, (h,), rstd = res
+    qn, kn = _qk_in_from_rstd(q, k, rstd, scale)
+    interpret = _interpret()
+    dq, dk, dv, dg, dbeta, dinit = mosaic_bwd.gated_delta_bwd(
+        qn, kn, v, g if has_g else None, beta, PackedLayout(chunk_segment, num_segments, chunk),
+        h, do, dfinal, has_init=init is not None, interpret=interpret,
+        precision=mosaic.resolve_precision(config.precision, interpret))
+    return dq, dk, dv.astype(v.dtype), dg.astype(g.dtype), dbeta.astype(beta.dtype), dinit
+
+
 def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, res, cts):
     do, dfinal = cts
     q, k, rstd = res[0], res[1], res[8]
-    use_pallas = config.bwd == "pallas" and _backend(config) == "triton" and res[7] is not None
-    if use_pallas:
+    use_pallas = config.bwd == "pallas" and res[7] is not None
+    backend = _backend(config)
+    if use_pallas and backend == "triton":
         from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
         grads = triton_bwd.backward(res[:8], do, dfinal, num_segments=num_segments, chunk=chunk,
                                     has_g=has_g, config=config, interpret=_interpret())
+    elif use_pallas and backend == "mosaic":
+        grads = _mosaic_bwd(res, do, dfinal, num_segments, chunk, has_g, config, scale)
     else:
         grads = _xla_vjp(res, (do, dfinal), num_segments, chunk, has_g, scale)
     dq, dk, dv, dg, dbeta, dinit = grads

@@ -18,12 +18,16 @@ head-major [B, H, L, d] so that blocks are (C, d) with C a multiple of 8 and d t
 a multiple of 128 for value blocks).  The UT transform (T = (I + A)^-1) is computed per chunk inside
 the same kernel: with the default BV = dv there is nothing to share between programs.
 
-The backward pass on TPU is the VJP of the chunked XLA form (``api`` falls back to it).
+For the backward (``Config.bwd="pallas"``, the default) the forward also stores the state at the
+start of every chunk (``store_states``: h [B, H, Nc, dk, dv] float32), and ``mosaic_bwd`` walks the
+chunks in reverse with one Mosaic kernel that recomputes each chunk's UT transform from its inputs
+and h.  ``Config.bwd="xla"`` takes the VJP of the chunked XLA form instead (``api._xla_vjp``).
 
 A segment split into several runs of chunks (never produced by the packers) revisits its final-state
 block non-consecutively.  On the hardware that is still right (the block is fully rewritten at the end
 of every run and the last write-back wins), but the TPU interpreter rejects revisits, so that case is
-only tested on the Triton path.
+only tested end to end on the Triton path (the Mosaic backward, which writes d(initial state) per
+run, is tested on it from reference chunk-start states).
 """
 from __future__ import annotations
 
@@ -54,12 +58,12 @@ def _mm(a, b, *, ta=False, tb=False, precision=HIGHEST):
 
 
 def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_ref, grow_ref,
-            *rest, has_init, precision):
-    if has_init:
-        init_ref, o_ref, final_ref, state_ref = rest
-    else:
-        o_ref, final_ref, state_ref = rest
-        init_ref = None
+            *rest, has_init, store_states, precision):
+    rest = list(rest)
+    init_ref = rest.pop(0) if has_init else None
+    o_ref, final_ref = rest.pop(0), rest.pop(0)
+    h_ref = rest.pop(0) if store_states else None
+    (state_ref,) = rest
     b = pl.program_id(0)
     c = pl.program_id(3)
     used = seg_ref[b, c] >= 0
@@ -74,6 +78,8 @@ def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_re
     @pl.when(jnp.logical_not(used))
     def _unused():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+        if h_ref is not None:
+            h_ref[...] = jnp.zeros(h_ref.shape, h_ref.dtype)
 
     @pl.when(used)
     def _chunk():
@@ -93,6 +99,8 @@ def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_re
         t = cm.ut_inverse(a, HIGHEST, keep_2d=True)
         eg = jnp.exp(g_col)
         s0 = state_ref[...]
+        if h_ref is not None:
+            h_ref[...] = s0
         w = _mm(t, k * (beta * eg), precision=precision)
         u = _mm(t, v * beta, precision=precision) - _mm(w, s0, precision=precision)
         p = _mm(q, k, tb=True, precision=precision) * jnp.where(
@@ -107,20 +115,47 @@ def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_re
         final_ref[...] = state_ref[...]
 
 
+def resident_block_index(values, used, *, reverse: bool = False):
+    """Per chunk ([B, Nc] int32 ``values``, bool ``used``): the block index an output indexed by
+    ``values`` maps the chunk to, so that unused chunks keep the block already resident.
+
+    In walk order (chunk order, or reversed with ``reverse``): a used chunk gets its own value, an
+    unused one the value of the last used chunk walked before it, or, before any, of the first used
+    chunk of the row; a row without used chunks gets 0 (the wrapper overrides what it writes)."""
+    if reverse:
+        return jnp.flip(resident_block_index(jnp.flip(values, 1), jnp.flip(used, 1)), 1)
+    nc = values.shape[1]
+    idx = jnp.where(used, jnp.arange(nc, dtype=jnp.int32)[None], -1)
+    last_used = jax.lax.cummax(idx, axis=1)                                 # last used chunk <= c
+    first_used = jnp.argmax(used, axis=1).astype(jnp.int32)                # 0 if none
+    src = jnp.where(last_used >= 0, last_used, first_used[:, None])
+    return jnp.maximum(jnp.take_along_axis(values, src, axis=1), 0)
+
+
 def final_block_segment(layout):
     """Per chunk, the segment whose final-state block the chunk maps to (see module doc)."""
     seg = layout.chunk_segment.astype(jnp.int32)
-    nc = seg.shape[1]
-    idx = jnp.where(seg >= 0, jnp.arange(nc, dtype=jnp.int32)[None], -1)
-    last_used = jax.lax.cummax(idx, axis=1)                                 # last used chunk <= c
-    first_used = jnp.argmax(seg >= 0, axis=1).astype(jnp.int32)            # 0 if none
-    src = jnp.where(last_used >= 0, last_used, first_used[:, None])
-    return jnp.maximum(jnp.take_along_axis(seg, src, axis=1), 0)
+    return resident_block_index(seg, seg >= 0)
+
+
+def head_major_inputs(q, k, v, g, beta, chunk: int):
+    """The kernels' operands from the time-major inputs: q, k, v as [B, H, L, d], beta and the
+    chunk-local cumulative log-decay G as columns [B, H, L, 1] (b_col, g_col), and G as one row
+    per chunk [B, H, Nc, C] (g_row).  g None: G = 0."""
+    b, l, h = q.shape[:3]
+    head_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
+    gcum = jnp.zeros((b, l, h), F32) if g is None else cm.chunk_cumsum(g, chunk)
+    gh = jnp.transpose(gcum, (0, 2, 1))                    # [B, H, L]
+    b_col = jnp.transpose(beta.astype(F32), (0, 2, 1))[..., None]
+    return (head_major(q), head_major(k), head_major(v), b_col, gh[..., None],
+            gh.reshape(b, h, l // chunk, chunk))
 
 
 def gated_delta_fwd(q, k, v, g, beta, layout, init, *, interpret=False, block_v=None,
-                    precision=HIGHEST):
-    """Same contract as the Triton path: returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv])."""
+                    precision=HIGHEST, store_states=False):
+    """Same contract as the Triton path: returns (o [B, L, H, dv] float32, final [B, S, H, dk, dv]);
+    with ``store_states`` also the state at the start of every chunk, h [B, H, Nc, dk, dv] float32
+    (zero on unused chunks), for the backward kernel (``mosaic_bwd``)."""
     b, l, h, dk = q.shape
     dv = v.shape[-1]
     chunk = layout.chunk_size
@@ -129,13 +164,7 @@ def gated_delta_fwd(q, k, v, g, beta, layout, init, *, interpret=False, block_v=
     bv = dv if block_v is None else block_v
     assert dv % bv == 0 and (bv == dv or bv % 128 == 0), (dv, bv)
     nv = dv // bv
-    head_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
-    qh, kh, vh = head_major(q), head_major(k), head_major(v)
-    gcum = jnp.zeros((b, l, h), F32) if g is None else cm.chunk_cumsum(g, chunk)
-    gh = jnp.transpose(gcum, (0, 2, 1))                    # [B, H, L]
-    g_col = gh[..., None]                                  # [B, H, L, 1]
-    g_row = gh.reshape(b, h, nc, chunk)                    # [B, H, Nc, C]
-    b_col = jnp.transpose(beta.astype(F32), (0, 2, 1))[..., None]
+    qh, kh, vh, b_col, g_col, g_row = head_major_inputs(q, k, v, g, beta, chunk)
     seg = layout.chunk_segment.astype(jnp.int32)
     first = layout.chunk_first().astype(jnp.int32)
     last = layout.chunk_last().astype(jnp.int32)
@@ -161,7 +190,14 @@ def gated_delta_fwd(q, k, v, g, beta, layout, init, *, interpret=False, block_v=
         pl.BlockSpec((None, None, None, dk, bv),
                      lambda bi, hi, j, c, seg_r, fst_r, lst_r, segi_r, fseg_r: (bi, fseg_r[bi, c], hi, 0, j)),
     ]
-    kernel = functools.partial(_kernel, has_init=init is not None, precision=precision)
+    out_shape = [jax.ShapeDtypeStruct((b, h, l, dv), F32),
+                 jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)]
+    if store_states:
+        out_specs.append(pl.BlockSpec((None, None, None, dk, bv),
+                                      lambda bi, hi, j, c, *_: (bi, hi, c, 0, j)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nc, dk, dv), F32))
+    kernel = functools.partial(_kernel, has_init=init is not None, store_states=store_states,
+                               precision=precision)
 
     def kernel_wrapper(seg_ref, first_ref, last_ref, _segi_ref, _fseg_ref, *refs):
         kernel(seg_ref, first_ref, last_ref, *refs)
@@ -173,11 +209,10 @@ def gated_delta_fwd(q, k, v, g, beta, layout, init, *, interpret=False, block_v=
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((dk, bv), F32)],
     )
-    o, final = pl.pallas_call(
+    o, final, *states = pl.pallas_call(
         kernel_wrapper,
         grid_spec=grid_spec,
-        out_shape=(jax.ShapeDtypeStruct((b, h, l, dv), F32),
-                   jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)),
+        out_shape=tuple(out_shape),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
@@ -189,4 +224,4 @@ def gated_delta_fwd(q, k, v, g, beta, layout, init, *, interpret=False, block_v=
         jnp.arange(b)[:, None], jnp.where(seg >= 0, seg, s)].set(True, mode="drop")
     keep = init.astype(F32) if init is not None else jnp.zeros_like(final)
     final = jnp.where(has_chunks[:, :, None, None, None], final, keep)
-    return o, final
+    return (o, final, states[0]) if store_states else (o, final)
