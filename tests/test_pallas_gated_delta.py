@@ -304,9 +304,10 @@ def test_default_blocks_at_dk128():
 
 
 @pytest.mark.parametrize("name,config", [("packed", gd_api.Config(bwd="xla")),
-                                         ("split_runs", gd_api.Config(bwd_qdo=False))])
+                                         ("split_runs", gd_api.Config(bwd_qdo=True))])
 def test_other_backward_configs_match(name, config):
-    """The XLA backward, and the dS walk that computes Q^T e^G dO itself (bwd_qdo=False)."""
+    """The XLA backward, and the dS walk that reads Q^T e^G dO precomputed per chunk by the P^T dO
+    kernel (bwd_qdo=True; the default computes it in the walk)."""
     case = make_case(name, seed=7)
     gp = grads(case, "pallas", config)
     gs = grads(case, "scan")

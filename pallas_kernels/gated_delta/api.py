@@ -88,6 +88,8 @@ class Config:
       i.e. dk = 256 with bf16 operands: the ptxas proxy put that at 217 KB of the 227 KB).
     bwd_qdo: precompute Q^T diag(e^G) dO per chunk ([B, H, Nc, dk, dv]) in the chunk-parallel
       P^T dO kernel, so that the dS walk loads neither q nor dO and runs 4 fewer dots per step.
+      Off by default since the 4-warp walks (H100 run 6: fwd+bwd equal at dk = 128, 2-7% faster
+      without it at dk = 256 and at T = 16384, and it saves that [B, H, Nc, dk, dv] array).
     """
     backend: str = "auto"
     precision: str = "bf16"
@@ -103,7 +105,7 @@ class Config:
     bwd: str = "pallas"
     bwd_block_v: int | None = None
     bwd_num_stages: int | None = None
-    bwd_qdo: bool = True
+    bwd_qdo: bool = False
 
     def __post_init__(self):
         if self.bwd not in ("pallas", "xla"):
