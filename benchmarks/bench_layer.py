@@ -28,7 +28,9 @@ from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
 from pallas_kernels import gated_delta as gd_kernels
 
 
-def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.bfloat16):
+def layer_fns(layer, batch: int, seq: int, dim: int, dtype=jnp.bfloat16):
+    """Jitted (fwd, fwd_bwd) of an NNX layer and their arguments (params, x [B, T, D] random).
+    fwd_bwd = value_and_grad of sum(y * r), r [B, T, D] random float32, w.r.t. params and x."""
     graphdef, params = nnx.split(layer)
     kx, kr = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(kx, (batch, seq, dim), dtype)
@@ -38,17 +40,19 @@ def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.b
         out = nnx.merge(graphdef, p)(x)
         return out[0] if isinstance(out, tuple) else out
 
-    fwd = jax.jit(apply)
-
     def loss(p, x):
         return jnp.sum(apply(p, x).astype(jnp.float32) * r)
 
-    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return jax.jit(apply), jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x)
+
+
+def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.bfloat16):
+    fwd, fwd_bwd, args = layer_fns(layer, batch, seq, dim, dtype)
     t0 = time.perf_counter()
-    jax.block_until_ready(fwd_bwd(params, x))
+    jax.block_until_ready(fwd_bwd(*args))
     compile_s = time.perf_counter() - t0
-    f = time_fn(fwd, (params, x), repeats)
-    fb = time_fn(fwd_bwd, (params, x), repeats)
+    f = time_fn(fwd, args, repeats)
+    fb = time_fn(fwd_bwd, args, repeats)
     return dict(fwd_ms=f["median_ms"], fwd_min_ms=f["min_ms"], fwd_max_ms=f["max_ms"],
                 fwd_bwd_ms=fb["median_ms"], fwd_bwd_min_ms=fb["min_ms"],
                 fwd_bwd_max_ms=fb["max_ms"], first_call_s=compile_s)

@@ -1,0 +1,108 @@
+"""Where does the MoM layer's forward+backward time go?  GPU-kernel profile of one jitted call.
+
+  python -m benchmarks.profile_layer [--memories 4] [--shape 8x2048] [--impl auto] [--out F]
+
+Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, dense routed
+projections, bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``), records a
+``jax.profiler`` trace of ``--calls`` calls and reads it back (``profile_decode.kernel_events``):
+GPU kernels grouped by name (count and ms per call, largest first) and by kind -- the Pallas gated
+delta kernels (``gdn_*``), matmuls (cuBLAS / cutlass / XLA gemm fusions), everything else (XLA
+fusions: gathers, scatters, elementwise, reductions) -- against the wall time of a call.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.bench_layer import layer_fns
+from benchmarks.profile_decode import kernel_events
+from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    if low.startswith("gdn_") or "gdn_" in low:
+        return "pallas gated delta kernels"
+    if any(s in low for s in ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "dot")):
+        return "matmuls"
+    return "other XLA kernels"
+
+
+def profile(layer, batch: int, seq: int, dim: int, calls: int) -> dict:
+    _, fwd_bwd, args = layer_fns(layer, batch, seq, dim)
+    for _ in range(3):
+        jax.block_until_ready(fwd_bwd(*args))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        jax.block_until_ready(fwd_bwd(*args))
+    wall_ms = 1e3 * (time.perf_counter() - t0) / calls
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                jax.block_until_ready(fwd_bwd(*args))
+        events, _ = kernel_events(d)
+    by_name = collections.defaultdict(lambda: [0, 0])
+    by_kind = collections.defaultdict(lambda: [0, 0])
+    for name, _, dur in events:
+        short = re.sub(r"[._]\d+$", "", name)[:90]
+        for table, key in ((by_name, short), (by_kind, kind_of(short))):
+            table[key][0] += 1
+            table[key][1] += dur
+    per_call = lambda t: round(t / 1e6 / calls, 4)  # noqa: E731
+    return dict(
+        wall_ms_per_call=round(wall_ms, 3), kernels_per_call=len(events) / calls,
+        gpu_busy_ms_per_call=per_call(sum(d for _, _, d in events)),
+        by_kind={k: dict(count=c / calls, ms=per_call(t)) for k, (c, t) in
+                 sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+        top_kernels=[dict(name=n, count=c / calls, ms=per_call(t)) for n, (c, t) in
+                     sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", default="mom,gdn", help="comma list: mom, gdn")
+    ap.add_argument("--memories", type=int, default=4)
+    ap.add_argument("--shape", default="8x2048", help="BxT")
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    b, t = (int(v) for v in args.shape.split("x"))
+    d, h, dk = 1024, 4, 256
+    dev = jax.devices()[0].device_kind
+    print(f"device: {dev}, jax {jax.__version__}", flush=True)
+    results = {}
+    for name in args.layers.split(","):
+        if name == "mom":
+            layer = MoMLayer(d, num_heads=h, head_dim=dk, num_memories=args.memories, topk=2,
+                             routed_projection="dense", impl=args.impl, dtype=jnp.bfloat16,
+                             rngs=nnx.Rngs(0))
+        elif name == "gdn":
+            layer = GatedDeltaNetLayer(d, num_heads=h, head_dim=dk, impl=args.impl,
+                                       dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        else:
+            raise SystemExit(f"--layers: unknown layer {name!r} (mom, gdn)")
+        r = profile(layer, b, t, d, args.calls)
+        results[name] = r
+        print(f"\n{name} B{b} T{t}: wall {r['wall_ms_per_call']} ms/call, GPU busy "
+              f"{r['gpu_busy_ms_per_call']} ms, {r['kernels_per_call']:.0f} kernels")
+        for k, v in r["by_kind"].items():
+            print(f"  {k:28s} {v['ms']:8.3f} ms  ({v['count']:.0f} kernels)")
+        for row in r["top_kernels"][:25]:
+            print(f"    {row['ms']:8.3f} ms  x{row['count']:<4.0f} {row['name']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=dev, jax=jax.__version__, shape=args.shape, impl=args.impl,
+                           results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
