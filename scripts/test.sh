@@ -4,5 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup.sh | tail -n 1)
+# libtpu (requirements-test.txt) in a side folder on PYTHONPATH for the tests only.
+EXTRA=.venv/tpu-compile
+if ! cmp -s requirements-test.txt "$EXTRA/.requirements" 2>/dev/null; then
+  echo "[test] installing requirements-test.txt into $EXTRA" >&2
+  rm -rf "$EXTRA"
+  "$PY" -m pip install --quiet --target "$EXTRA" -r requirements-test.txt >&2
+  cp requirements-test.txt "$EXTRA/.requirements"
+fi
+export PYTHONPATH="$PWD/$EXTRA${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 exec "$PY" -m pytest -q -m "not slow" -p no:cacheprovider "$@"
