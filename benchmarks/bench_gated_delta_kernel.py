@@ -3,7 +3,7 @@
 Usage (GPU machine):
   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gated_delta_kernel.py --out DIR
       [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--breakdown] [--sweep] [--budget-s 300]
-      [--ut-kernels masked,blocked]
+      [--ut-kernels split,masked]
 
 What it does, in one process:
   1. correctness at every shape: Pallas output (bf16 q/k/v, the timed path) against the float32
@@ -16,7 +16,7 @@ What it does, in one process:
      backward: P^T dO, dS walk, dq/dk/dW, WY part) at --breakdown-shapes (default: all);
   4. --sweep: kernel configurations (--variants, JSON Config fields) at --sweep-shapes (indices),
      until --budget-s seconds since the start have passed.
---ut-kernels masked,blocked runs 1-3 once per UT kernel (``Config.ut_kernel``; default: the one in
+--ut-kernels split,masked runs 1-3 once per UT kernel (``Config.ut_kernel``; default: the one in
 --config) in the same process, side by side: correctness, fwd and fwd+bwd timing, and (with
 --breakdown) every kernel alone, the UT kernel also without its T output (the inference forward).
 The XLA rows and the references are computed once per shape.
@@ -115,7 +115,7 @@ def breakdown(shape, config, repeats):
         return f(*args)
 
     ut = dict(ut_precision=config.ut_precision, num_warps=config.ut_warps(), block_k=bk,
-              block_v=pbv, kernel=config.ut_kernel, **prec)
+              block_v=pbv, kernel=config.ut_kernel, wu_num_warps=config.par_num_warps, **prec)
     tm, w, u = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
         kk, vv, bb, gg, chunk, **ut), k_ut, vp, beta_t, gcum_t)
     timed("ut_transform_no_t", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
@@ -234,7 +234,7 @@ def main():
     ap.add_argument("--sweep-shapes", nargs="*", type=int, default=[0, 2])
     ap.add_argument("--ut-kernels", "--ut_kernels", dest="ut_kernels", default=None,
                     help="comma-separated Config.ut_kernel values to run side by side, e.g. "
-                         "masked,blocked (default: the --config one)")
+                         "split,masked (default: the --config one)")
     args = ap.parse_args()
     gd_api.set_default_config(dataclasses.replace(gd_api.get_default_config(),
                                                   **json.loads(args.config)))

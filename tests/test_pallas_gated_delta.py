@@ -200,7 +200,7 @@ def _ut_reference(k, v, beta, gcum):
     return t, t @ ((beta * np.exp(gcum))[:, None] * k), t @ (beta[:, None] * v)
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "masked", "split"])
+@pytest.mark.parametrize("kernel", ["split", "masked"])
 @pytest.mark.parametrize("chunk,dk", [(64, 64), (64, 128), (64, 256), (32, 128), (16, 64),
                                       (128, 64)])
 def test_ut_kernel_matches_float64(kernel, chunk, dk):
@@ -231,13 +231,11 @@ def test_ut_kernel_matches_float64(kernel, chunk, dk):
 
 def test_ut_kernel_config():
     """Config.ut_kernel names exactly the kernels triton_fwd has; anything else is an error, and
-    the warps default to 1 for the blocked kernel."""
+    the warps default to 1 for the split kernel's inverse."""
     from pallas_kernels.gated_delta import triton_fwd  # noqa: PLC0415
     assert set(gd_api.UT_KERNELS) == set(triton_fwd.UT_KERNELS)
     assert gd_api.Config().ut_kernel == "split" and gd_api.Config().ut_warps() == 1
-    assert gd_api.Config(ut_kernel="blocked").ut_warps() == 1
     assert gd_api.Config(ut_kernel="masked").ut_warps() == gd_api.Config().par_num_warps
-    assert gd_api.Config(ut_kernel="split").ut_warps() == 1
     assert gd_api.Config(ut_num_warps=2).ut_warps() == 2
     with pytest.raises(ValueError, match="ut_kernel"):
         gd_api.Config(ut_kernel="fla")
@@ -248,7 +246,7 @@ def test_ut_kernel_config():
                                 interpret=True, kernel="fla")
 
 
-@pytest.mark.parametrize("ut_kernel", ["blocked", "masked", "split"])
+@pytest.mark.parametrize("ut_kernel", ["split", "masked"])
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_ut_kernels_end_to_end(ut_kernel, chunk):
     """Both UT kernels inside the whole forward and backward at chunk 32 / 64 (several 16-row
@@ -504,10 +502,10 @@ def _abstract_args(b=1, nc=4, h=2, dk=128, dv=128, s=2):
             sds((b, nc), jnp.int32))
 
 
-@pytest.mark.parametrize("ut_kernel", ["blocked", "masked", "split"])
+@pytest.mark.parametrize("ut_kernel", ["split", "masked"])
 def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
     """Forward and backward Triton kernels lower to Triton IR for an H100 without a GPU, with
-    every UT kernel (chunk 64: four 16-row blocks in the blocked and split ones)."""
+    either UT kernel (chunk 64: four 16-row blocks in the split one)."""
     monkeypatch.setattr(gd_api, "_interpret", lambda: False)
     with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100 80GB HBM3", "gpu")):
         lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton", ut_kernel=ut_kernel))).trace(
@@ -516,7 +514,6 @@ def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
     # UT transform, forward state walk, outputs; backward: P^T dO, state walk, dq/dk/dW, WY
     split = ut_kernel == "split"   # two UT launches: gdn_ut_inverse, gdn_ut_apply
     assert text.count("__gpu$xla.gpu.triton") == (8 if split else 7)
-    assert ("gdn_ut_transform_blocked" in text) == (ut_kernel == "blocked")
     assert ("gdn_ut_inverse" in text and "gdn_ut_apply" in text) == split
     assert ("gdn_ut_transform" in text) != split
 

@@ -44,7 +44,7 @@ from mom_jax.ops.common import PackedLayout, l2norm_rstd, l2norm_vjp, qk_feature
 from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
-UT_KERNELS = ("blocked", "masked", "split")  # keys of triton_fwd.UT_KERNELS (not imported here: lazy)
+UT_KERNELS = ("split", "masked")  # keys of triton_fwd.UT_KERNELS (not imported here: lazy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +60,15 @@ class Config:
       tf32 -> HIGH, else HIGHEST.
     ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
       Interpret mode is always float32.
-    ut_kernel: the Triton UT transform (T = (I + A)^-1, W, U per chunk): "blocked" (16 x 16
-      blocks read straight from the refs, diagonal blocks by forward substitution on 16 x 16
-      tiles, off-diagonal blocks by block substitution; one warp per program) or "masked" (the
-      earlier kernel: whole C x C tiles, 15 masked full-tile substitution steps, then merges) or
-      "split" (two launches: T alone on 16 x 16 blocks, the diagonal blocks' substitutions
-      interleaved, then W and U from the stored T with par_num_warps warps).
-      Same results up to rounding; see benchmarks/NOTES_kernels.md for the timings.
-    ut_num_warps: warps of a UT transform program (None: 1 for "blocked" and for the inverse
-      kernel of "split", whose tiles are all 16 rows high and would only be replicated across
-      more warps; par_num_warps for "masked").
+    ut_kernel: the Triton UT transform (T = (I + A)^-1, W, U per chunk): "split" (two launches:
+      T alone on 16 x 16 blocks, one warp per chunk-head, the diagonal blocks' forward
+      substitutions interleaved, off-diagonal blocks by block substitution; then W and U from the
+      stored T with par_num_warps warps) or "masked" (one launch on whole C x C tiles, 15 masked
+      full-tile substitution steps, then merges).  Same results up to rounding; timings in
+      benchmarks/NOTES_kernels.md (run 6).
+    ut_num_warps: warps of a UT transform program (None: 1 for the inverse kernel of "split",
+      whose tiles are all 16 rows high and would only be replicated across more warps;
+      par_num_warps for "masked").
     block_v: value-dimension block of a sequential walk program (None: min(dv, 32)).  The Mosaic
       forward uses it only when it is a multiple of 128 (else the whole value dim).
     par_block_v: value block that the chunk-parallel kernels loop over inside a program.

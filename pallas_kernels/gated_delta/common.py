@@ -14,7 +14,7 @@ block forward substitution, as stable as the scalar one.  The product form (I+N)
 grow to ~1e9 while T stays O(1), and float32 results are garbage (see NOTES_kernels.md).
 
 The blocked form (``diag_block_inverses`` + ``block_row_of_inverse``, composed in
-``block_ut_inverse``; used by the Triton UT kernel ``ut_kernel="blocked"``) never forms the C x C
+``block_ut_inverse``; used by the Triton UT kernel ``ut_kernel="split"``) never forms the C x C
 tile: it takes A as 16 x 16 blocks A_ij (j <= i), inverts each diagonal block on its own 16 x 16
 tile (row forward substitution) and builds the off-diagonal blocks by block forward substitution,
 T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj, one row block of T after the other.
@@ -133,7 +133,7 @@ def block_row_of_inverse(a_row: list, t: dict, i: int,
 def block_ut_inverse(a_blocks: dict, n: int, precision=jax.lax.Precision.HIGHEST) -> dict:
     """Blocks {(i, j): T_ij, j <= i < n} of T = (I + A)^-1 from the blocks {(i, j): A_ij, j <= i}
     (float32 [s, s]; the diagonal blocks strictly lower) of a strictly lower-triangular A: the
-    composition of ``diag_block_inverses`` and ``block_row_of_inverse`` that the blocked Triton UT
+    composition of ``diag_block_inverses`` and ``block_row_of_inverse`` that the split Triton UT
     kernel runs, as one function (tests compare it with a float64 inverse)."""
     t = {}
     for i in range(n):

@@ -2,9 +2,9 @@
 
 Three launches (notation of ``common``; Kb = diag(b e^G) K, Vb = diag(b) V):
   1. ``ut_transform`` (chunk-parallel, grid (B, Nc, H)): T = (I + A)^-1, W = T Kb, U = T Vb, by
-     one of three kernels: ``_ut_kernel_blocked`` (16 x 16 blocks, one warp; the default),
-     ``_ut_kernel`` ("masked": whole C x C tiles) or "split" (two launches: T alone on 16 x 16
-     blocks, then W and U from the stored T).
+     "split" (the default; two launches: ``_ut_inverse_kernel``, T alone on 16 x 16 blocks in one
+     warp, then ``_wu_kernel``, W and U from the stored T) or "masked" (``_ut_kernel``, one launch
+     on whole C x C tiles).
   2. ``state_walk`` (grid (B*S, H, dv/BV)): each program walks the chunks of its segment in order
      with the [dk, BV] float32 state S (held as dk/BK tiles) in registers, applying the segment's
      initial state (or zero) at the chunk that starts a run and writing the segment's final state at
@@ -76,8 +76,8 @@ def _ut_inverse_kernel(k_ref, beta_ref, g_ref, t_ref, *, ut_precision, gram_bloc
     n = C/s row blocks read straight from the refs), all row blocks together:
       1. the n(n+1)/2 Gram blocks K_i K_j^T (j <= i) in one loop over dk;
       2. the n diagonal inverses T_ii by forward substitution in ONE loop of s - 1 steps
-         (``cm.diag_block_inverses`` on the list: n independent chains per step, where the
-         "blocked" kernel runs them one after the other);
+         (``cm.diag_block_inverses`` on the list: n independent chains per step; run 5's
+         one-launch "blocked" kernel ran them one after the other, see NOTES_kernels.md);
       3. T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``), row block by row block.
     Writes T [C, C] float32 (zero above the diagonal).  Refs: k [C, dk], beta, g [C]."""
     c, dk = k_ref.shape
@@ -119,74 +119,12 @@ def _wu_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, w_ref, u_ref, *, precision,
              u_ref, precision, block_k, block_v)
 
 
-def _ut_kernel_blocked(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, precision,
-                       block_k, block_v, gram_block_k):
-    """Same outputs as ``_ut_kernel``, computed on s x s blocks (s = 16; n = C/s row blocks, each
-    read straight from the refs as K_i = k_ref[16 i : 16 i + 16, :]): no C x C tile and no masked
-    reduction over the whole chunk.  One row block i at a time, so that only the T blocks of the
-    rows above stay live:
-      1. the Gram blocks K_i K_j^T, j <= i, in one loop over dk (``gram_block_k`` columns a step);
-      2. A_ij = diag(b_i) (e^{G_i - G_j} * K_i K_j^T) for j < i, and A_ii^T (K_i K_i^T is
-         symmetric);
-      3. T_ii by forward substitution on the [s, s] tile (``cm.diag_block_inverses``), then
-         T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``); stored if ``with_t``;
-      4. W_i = sum_{j<=i} T_ij Kb_j and U_i = sum_{j<=i} T_ij Vb_j in loops over dk / dv blocks.
-    Every tile is [s, s] or [s, block]: these are Triton dots with M = 16, which every warp of the
-    program computes whole (the mma layout cannot split 16 rows), so this kernel wants 1 warp."""
-    t_ref, w_ref, u_ref = out_refs if with_t else (None, *out_refs)
-    c, dk = k_ref.shape
-    dv = v_ref.shape[1]
-    s = min(cm.SUB_BLOCK, c)
-    n = c // s
-    rows = [pl.ds(i * s, s) for i in range(n)]
-    upper = cm.iota2(s, s, 1) > cm.iota2(s, s, 0)
-    zeros = jnp.zeros((s, s), F32)
-    t = {}
-    for i in range(n):
-        beta_i, g_i = beta_ref[rows[i]].astype(F32), g_ref[rows[i]]
-
-        def gram_block(col, accs, i=i):
-            k_i = k_ref[rows[i], col]
-            return tuple(acc + cm.mm(k_i, k_ref[rows[j], col], ut_precision, tb=True)
-                         for j, acc in enumerate(accs))
-
-        kk = tc.fori_blocks(dk, gram_block_k, gram_block, (zeros,) * (i + 1))
-        a_row = [beta_i[:, None] * jnp.exp(g_i[:, None] - g_ref[rows[j]][None, :]) * kk[j]
-                 for j in range(i)]             # block col j < block row i: every entry is j' < i'
-        a_t = jnp.where(upper, beta_i[None, :] * kk[i] *              # A_ii^T, strictly upper
-                        jnp.exp(jnp.where(upper, g_i[None, :] - g_i[:, None], 0.0)), 0.0)
-        t[(i, i)] = cm.diag_block_inverses([a_t])[0]
-        t.update({(i, j): x for j, x in enumerate(
-            cm.block_row_of_inverse(a_row, t, i, ut_precision))})
-        if t_ref is not None:
-            for j in range(n):
-                t_ref[rows[i], pl.ds(j * s, s)] = t[(i, j)] if j <= i else zeros
-
-        def apply_row(src_ref, dst_ref, scale, i=i):
-            def body(col, carry):
-                acc = None
-                for j in range(i + 1):
-                    part = cm.mm(t[(i, j)], src_ref[rows[j], col] * scale(j), precision)
-                    acc = part if acc is None else acc + part
-                dst_ref[rows[i], col] = acc.astype(dst_ref.dtype)
-                return carry
-            return body
-
-        def beta_eg(j):
-            return (beta_ref[rows[j]].astype(F32) * jnp.exp(g_ref[rows[j]]))[:, None]
-
-        tc.fori_blocks(dk, block_k, apply_row(k_ref, w_ref, beta_eg), 0)
-        tc.fori_blocks(dv, block_v, apply_row(
-            v_ref, u_ref, lambda j: beta_ref[rows[j]].astype(F32)[:, None]), 0)
-
-
-UT_KERNELS = {"masked": _ut_kernel, "blocked": _ut_kernel_blocked,
-              "split": (_ut_inverse_kernel, _wu_kernel)}  # two launches
+UT_KERNELS = {"masked": _ut_kernel, "split": (_ut_inverse_kernel, _wu_kernel)}  # split: 2 launches
 
 
 def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
                  ut_precision: str = "tf32x3", precision: str = "bf16", with_t: bool = True,
-                 block_k: int = 64, block_v: int = 64, kernel: str = "blocked",
+                 block_k: int = 64, block_v: int = 64, kernel: str = "split",
                  gram_block_k: int = 16, wu_num_warps: int = 4):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L] float32 ->
     (T [B, H, L, C] float32 or None, W [B, L, H, dk], U [B, L, H, dv] float32).
@@ -195,11 +133,10 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     ut_precision: dots of A = K K^T and of the inverse, "tf32x3" (three tf32 tensor-core passes,
     ~fp32 accuracy) or "ieee" (FMA dots; these spill heavily at dk >= 128, see NOTES_kernels.md).
     precision: dots W = T Kb and U = T Vb.
-    kernel: "blocked" (``_ut_kernel_blocked``: 16 x 16 blocks), "masked" (``_ut_kernel``: whole
-    C x C tiles, ``cm.ut_inverse``) or "split" (two launches: ``_ut_inverse_kernel`` writes T with
-    ``num_warps`` warps, ``_wu_kernel`` reads it back for W and U with ``wu_num_warps``); same
-    outputs up to rounding.
-    gram_block_k: (blocked, split) key columns per step of the K_i K_j^T loop."""
+    kernel: "split" (two launches: ``_ut_inverse_kernel`` writes T with ``num_warps`` warps,
+    ``_wu_kernel`` reads it back for W and U with ``wu_num_warps``) or "masked" (``_ut_kernel``:
+    whole C x C tiles, ``cm.ut_inverse``, ``num_warps``); same outputs up to rounding.
+    gram_block_k: (split) key columns per step of the K_i K_j^T loop."""
     if kernel not in UT_KERNELS:
         raise ValueError(f"unknown UT kernel {kernel!r}; one of {sorted(UT_KERNELS)}")
     b, l, h, dk = k.shape
@@ -233,9 +170,8 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     if with_t:
         out_shape.insert(0, t_shape)
         out_specs.insert(0, tmat)
-    extra = dict(gram_block_k=min(gram_block_k, dk)) if kernel == "blocked" else {}
     outs = pl.pallas_call(
-        functools.partial(UT_KERNELS[kernel], with_t=with_t, **extra, ut_precision=ut_prec,
+        functools.partial(UT_KERNELS[kernel], with_t=with_t, ut_precision=ut_prec,
                           precision=prec, **blocks),
         out_shape=tuple(out_shape),
         grid=(b, nc, h),
@@ -243,7 +179,7 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
         out_specs=tuple(out_specs),
         compiler_params=tc.triton_params(num_warps, 1),
         interpret=interpret,
-        name="gdn_ut_transform" if kernel == "masked" else f"gdn_ut_transform_{kernel}",
+        name="gdn_ut_transform",
     )(k, v, beta_t, gcum_t)
     return tuple(outs) if with_t else (None, *outs)
 
