@@ -2,8 +2,9 @@
 
   python -m benchmarks.check_causality [--layers 24] [--variants gated_deltanet,mom] [--impls xla,pallas]
 
-Per variant and impl: per-token losses and the gradient for B2 x T2048 random tokens, then again
-with every token after position 1024 replaced.  The losses before 1024 must not change (MoM: up
+Per variant and impl: per-token losses (computed inside ``jax.value_and_grad``, as in training; the
+gradient's global norm is printed too) for B2 x T2048 random tokens, then again with every token
+after position 1024 replaced.  The losses before 1024 must not change (MoM: up
 to rounding, its packed stream shifts when later tokens route differently); a leak of future
 tokens into the forward would change them (and speed up memorisation of a repeated batch, the
 symptom that made us write this).  The small-model version of this check is the CPU test
