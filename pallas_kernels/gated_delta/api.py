@@ -37,10 +37,10 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mom_jax.ops import chunked
-from mom_jax.ops.common import PackedLayout, l2norm_rstd, l2norm_vjp, qk_features
+from mom_jax.ops.common import (PackedLayout, check_qk_options, l2norm_rstd, l2norm_vjp,
+                                qk_features)
 from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
@@ -353,14 +353,11 @@ def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=Non
     """
     config = config or get_default_config()
     chunk = layout.chunk_size
-    if not isinstance(use_qk_l2norm, (bool, np.bool_)):
-        raise ValueError(f"gated_delta_packed: use_qk_l2norm must be a Python bool, got "
-                         f"{use_qk_l2norm!r}")
-    try:
-        scale = float(scale)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    static_scale = check_qk_options(use_qk_l2norm, scale, "gated_delta_packed")
+    if static_scale is None:
         raise ValueError(f"gated_delta_packed: scale must be a static Python number (the kernel "
-                         f"applies it at trace time), got {scale!r}") from None
+                         f"applies it at trace time), got {scale!r}")
+    scale = static_scale
     if q.shape[1] != layout.num_chunks * chunk:
         raise ValueError(f"stream length {q.shape[1]} != num_chunks * chunk_size "
                          f"({layout.num_chunks} * {chunk})")

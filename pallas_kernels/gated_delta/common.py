@@ -179,6 +179,14 @@ def chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
     return gc.reshape(b, l, h)
 
 
+def chunk_cumsum_vjp(dgcum_t: jax.Array, chunk: int) -> jax.Array:
+    """Cotangent of g through ``chunk_cumsum``, head-major: dgcum_t [B, H, L] (w.r.t. the
+    chunk-local cumsum G) -> dg [B, H, L] float32, a reverse cumsum inside each chunk."""
+    b, h, l = dgcum_t.shape
+    dgc = dgcum_t.astype(F32).reshape(b, h, l // chunk, chunk)
+    return jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), axis=-1), -1).reshape(b, h, l)
+
+
 def segment_ranges(layout: PackedLayout):
     """Per (row, segment): the chunk range [lo, hi) that holds it (lo = hi = 0 when empty).
 

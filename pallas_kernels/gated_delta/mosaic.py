@@ -32,6 +32,7 @@ run, is tested on it from reference chunk-start states).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,51 @@ def resolve_precision(precision: str, interpret: bool):
 def _mm(a, b, *, ta=False, tb=False, precision=HIGHEST):
     dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+class ChunkTerms(NamedTuple):
+    """The forward quantities of one chunk (``chunk_terms``), all float32.  [C, C]: e_strict
+    (e^{G_i - G_j}, i > j, else 0), d_incl (the same for i >= j), kk = K K^T, t = (I + A)^-1,
+    p = (Q K^T) * d_incl; [C, 1]: eg = e^G, ekd = e^{G_C - G}; [1, 1]: egl = e^{G_C}; kb =
+    diag(b e^G) K, kd = diag(e^{G_C - G}) K [C, dk]; vb = diag(b) V, u = T Vb - W h [C, dv];
+    w = T Kb [C, dk]."""
+    e_strict: jax.Array
+    d_incl: jax.Array
+    kk: jax.Array
+    t: jax.Array
+    p: jax.Array
+    eg: jax.Array
+    ekd: jax.Array
+    egl: jax.Array
+    kb: jax.Array
+    kd: jax.Array
+    vb: jax.Array
+    w: jax.Array
+    u: jax.Array
+
+
+def chunk_terms(q, k, v, beta, g_col, g_row, h, *, precision=HIGHEST) -> ChunkTerms:
+    """The UT/WY algebra of one chunk from its inputs and the state h [dk, dv] at its start:
+    what the forward kernel needs for the output and the state update, and what the backward
+    kernel (``mosaic_bwd.chunk_grads``) recomputes.  q, k [C, dk], v [C, dv], beta, g_col [C, 1]
+    (G: chunk-local cumulative log-decay), g_row [1, C] (G as a row), all float32, 2-D only (as
+    Mosaic wants).  A = K K^T and T in HIGHEST, the other dots in ``precision``."""
+    n = q.shape[0]
+    row, col = cm.iota2(n, n, 0), cm.iota2(n, n, 1)
+    strict, incl = row > col, row >= col
+    diff = g_col - g_row
+    e_strict = jnp.where(strict, jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
+    d_incl = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+    gl = g_row[:, n - 1:n]                                 # [1, 1]
+    eg = jnp.exp(g_col)
+    ekd = jnp.exp(gl - g_col)
+    kk = _mm(k, k, tb=True, precision=HIGHEST)
+    t = cm.ut_inverse(beta * kk * e_strict, HIGHEST, keep_2d=True)
+    kb, vb = k * (beta * eg), v * beta
+    w = _mm(t, kb, precision=precision)
+    u = _mm(t, vb, precision=precision) - _mm(w, h, precision=precision)
+    p = _mm(q, k, tb=True, precision=precision) * d_incl
+    return ChunkTerms(e_strict, d_incl, kk, t, p, eg, ekd, jnp.exp(gl), kb, k * ekd, vb, w, u)
 
 
 def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_ref, grow_ref,
@@ -83,32 +129,15 @@ def _kernel(seg_ref, first_ref, last_ref, q_ref, k_ref, v_ref, bcol_ref, gcol_re
 
     @pl.when(used)
     def _chunk():
-        q = q_ref[...].astype(F32)
-        k = k_ref[...].astype(F32)
-        v = v_ref[...].astype(F32)
-        beta = bcol_ref[...]                      # [C, 1]
-        g_col = gcol_ref[...]                     # [C, 1] chunk-local cumulative log-decay
-        g_row = grow_ref[pl.ds(c, 1), :]          # [1, C]
-        n = q.shape[0]
-        gl = g_row[:, n - 1:n]                    # [1, 1]
-        row, col = cm.iota2(n, n, 0), cm.iota2(n, n, 1)
-        strict, incl = row > col, row >= col
-        diff = g_col - g_row
-        kk = _mm(k, k, tb=True, precision=HIGHEST)
-        a = jnp.where(strict, beta * kk * jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
-        t = cm.ut_inverse(a, HIGHEST, keep_2d=True)
-        eg = jnp.exp(g_col)
         s0 = state_ref[...]
         if h_ref is not None:
             h_ref[...] = s0
-        w = _mm(t, k * (beta * eg), precision=precision)
-        u = _mm(t, v * beta, precision=precision) - _mm(w, s0, precision=precision)
-        p = _mm(q, k, tb=True, precision=precision) * jnp.where(
-            incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
-        o = _mm(q * eg, s0, precision=precision) + _mm(p, u, precision=precision)
+        q = q_ref[...].astype(F32)
+        ct = chunk_terms(q, k_ref[...].astype(F32), v_ref[...].astype(F32), bcol_ref[...],
+                         gcol_ref[...], grow_ref[pl.ds(c, 1), :], s0, precision=precision)
+        o = _mm(q * ct.eg, s0, precision=precision) + _mm(ct.p, ct.u, precision=precision)
         o_ref[...] = o.astype(o_ref.dtype)
-        kd = k * jnp.exp(gl - g_col)
-        state_ref[...] = jnp.exp(gl) * s0 + _mm(kd, u, ta=True, precision=precision)
+        state_ref[...] = ct.egl * s0 + _mm(ct.kd, ct.u, ta=True, precision=precision)
 
     @pl.when(used & (last_ref[b, c] != 0))
     def _final():

@@ -84,27 +84,13 @@ def chunk_grads(q, k, v, beta, g_col, g_row, h, do, ds, *, precision=HIGHEST):
     Returns (dq, dk [C, dk], dv [C, dv], dbeta, dG [C, 1], dh [dk, dv]), float32.
     """
     n = q.shape[0]
-    row, col = cm.iota2(n, n, 0), cm.iota2(n, n, 1)
-    strict, incl = row > col, row >= col
-    diff = g_col - g_row
-    e_strict = jnp.where(strict, jnp.exp(jnp.where(strict, diff, 0.0)), 0.0)
-    d_incl = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
-    gl = g_row[:, n - 1:n]                                 # [1, 1]
-    egl = jnp.exp(gl)
-    eg = jnp.exp(g_col)                                    # [C, 1]
-    ekd = jnp.exp(gl - g_col)                              # [C, 1]
+    strict = cm.iota2(n, n, 0) > cm.iota2(n, n, 1)
     mm = functools.partial(_mm, precision=precision)
-    # Recompute the forward quantities (A and T as in the forward kernel: HIGHEST).
-    kk = _mm(k, k, tb=True, precision=HIGHEST)
-    a = beta * kk * e_strict
-    t = cm.ut_inverse(a, HIGHEST, keep_2d=True)
-    kb = k * (beta * eg)
-    vb = v * beta
-    w = mm(t, kb)
-    u = mm(t, vb) - mm(w, h)
-    p = mm(q, k, tb=True) * d_incl
+    ct = mosaic.chunk_terms(q, k, v, beta, g_col, g_row, h, precision=precision)  # recomputed
+    e_strict, d_incl, kk, t, p = ct.e_strict, ct.d_incl, ct.kk, ct.t, ct.p
+    eg, ekd, egl, kb, vb, w, u = ct.eg, ct.ekd, ct.egl, ct.kb, ct.vb, ct.w, ct.u
     # Output and state-update part.
-    du = mm(p, do, ta=True) + mm(k * ekd, ds)              # [C, dv]
+    du = mm(p, do, ta=True) + mm(ct.kd, ds)                # [C, dv]
     dpd = mm(do, u, tb=True) * d_incl                      # [C, C]
     dq = mm(dpd, k) + eg * mm(do, h, tb=True)              # [C, dk]
     dk_inter = ekd * mm(u, ds, tb=True)                    # [C, dk]  through Kd
@@ -249,9 +235,7 @@ def gated_delta_bwd(q, k, v, g, beta, layout, h, do, dfinal, *, has_init, interp
     )(*flags, qh, kh, vh, b_col, g_col, g_row, h, doh, dfinal.astype(F32))
     dqh, dkh, dvh, dbeta_h, dg_h = outs[:5]
     time_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
-    # dG (w.r.t. the chunk-local cumsum G) -> dg: reverse cumsum inside each chunk.
-    dgc = dg_h.reshape(b, hh, nc, chunk)
-    dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), axis=-1), -1).reshape(b, hh, l)
+    dg = cm.chunk_cumsum_vjp(dg_h[..., 0], chunk)    # dG (w.r.t. the chunk-local cumsum G) -> dg
     dinit = None
     if has_init:
         rows = jnp.arange(b)[:, None]

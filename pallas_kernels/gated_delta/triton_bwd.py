@@ -436,8 +436,7 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par, **common)
     dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
                                     **common)
-    dgc = (jnp.sum(dg_qk, axis=0) + dg_wy).reshape(b, hh, l // chunk, chunk)   # w.r.t. G
-    dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), axis=-1), -1).reshape(b, hh, l)
+    dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg
     dg = jnp.transpose(dg, (0, 2, 1))
     dbeta = jnp.transpose(dbeta, (0, 2, 1))
     if has_init:
