@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from experiments.configs import lm_340m
@@ -45,7 +46,7 @@ def probe(variant: str, impl: str, layers: int, batch: int = 2, seq: int = 2048,
                                                         aux_weight=0.01)
             return total, token_loss
         (total, token_loss), g = jax.value_and_grad(f, has_aux=True)(p)
-        return total, token_loss, global_norm(g)
+        return total, token_loss, optax.global_norm(g)
 
     t0 = time.perf_counter()
     l1, tl1, gn = losses_and_grad(params, batch_of(tok))
@@ -55,10 +56,6 @@ def probe(variant: str, impl: str, layers: int, batch: int = 2, seq: int = 2048,
                 prefix_diff=float(jnp.max(jnp.abs(tl1[:, :cut] - tl2[:, :cut]))),
                 suffix_diff=float(jnp.max(jnp.abs(tl1[:, cut:] - tl2[:, cut:]))),
                 grad_norm=float(gn), seconds=time.perf_counter() - t0)
-
-
-def global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def main():
