@@ -11,6 +11,7 @@ from mom_jax import ops
 from mom_jax.layers import GatedDeltaNetLayer, GLALayer, MoMLayer
 from mom_jax.ops.scan import recurrent_step
 from pallas_kernels import decode_step as kernel
+from tests.lowering import abstract_mesh
 
 RULES = {  # rule -> (uses g, uses gk, uses beta)
     "gated_delta": (True, False, True), "delta": (False, False, True),
@@ -165,12 +166,7 @@ def test_single_memory_layer_step_pallas_equals_xla(layer_cls):
 
 def _assert_lowers_for_h100_with_aliases(fn, args, donate_argnums):
     """``fn`` lowers for an H100 without a GPU: one Triton call, its outputs aliased to inputs."""
-    from jax._src import mesh as mesh_lib  # noqa: PLC0415
-    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                  platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=dev)
-    with jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(abstract_mesh()):
         lowered = jax.jit(fn, donate_argnums=donate_argnums).trace(*args).lower(
             lowering_platforms=("cuda",))
     text = lowered.as_text()

@@ -20,6 +20,7 @@ from mom_jax.ops import PackedLayout, l2norm
 from mom_jax.ops import api as ops_api
 from pallas_kernels.gated_delta import api as gd_api
 from pallas_kernels.gated_delta import common as cm
+from tests.lowering import H100, abstract_mesh
 
 F32_REL = 1e-5
 GRAD_REL = 1e-4
@@ -478,13 +479,6 @@ def test_bad_chunk_falls_back_to_xla_with_one_warning():
 # Lowering without the hardware
 # ------------------------------------------------------------------------------------------------
 
-def _abstract_mesh(kind, platform):
-    from jax._src import mesh as mesh_lib  # noqa: PLC0415
-    dev = mesh_lib.AbstractDevice(device_kind=kind, num_cores=None, platform=platform)
-    return jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=dev)
-
-
 def _grad_fn(config):
     def loss(q, k, v, g, beta, h0, seg):
         layout = PackedLayout(seg, 2, 64)
@@ -507,7 +501,7 @@ def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
     """Forward and backward Triton kernels lower to Triton IR for an H100 without a GPU, with
     either UT kernel (chunk 64: four 16-row blocks in the split one)."""
     monkeypatch.setattr(gd_api, "_interpret", lambda: False)
-    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100 80GB HBM3", "gpu")):
+    with jax.sharding.use_abstract_mesh(abstract_mesh(H100, "gpu")):
         lowered = jax.jit(_grad_fn(gd_api.Config(backend="triton", ut_kernel=ut_kernel))).trace(
             *_abstract_args()).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
@@ -710,7 +704,7 @@ def test_mosaic_kernel_lowers_for_tpu(monkeypatch, bwd):
     the backward kernel (two Mosaic custom calls; bwd="xla": the forward only)."""
     monkeypatch.setattr(gd_api, "_interpret", lambda: False)
     monkeypatch.setattr(sys.modules[__name__], "MOSAIC", gd_api.Config(backend="mosaic", bwd=bwd))
-    with jax.sharding.use_abstract_mesh(_abstract_mesh("TPU v5 lite", "tpu")):
+    with jax.sharding.use_abstract_mesh(abstract_mesh("TPU v5 lite", "tpu")):
         lowered = jax.jit(_mosaic_fn()).trace(
             *_abstract_args(dk=256, dv=256)).lower(lowering_platforms=("tpu",))
     text = lowered.as_text()
