@@ -135,9 +135,10 @@ class RecurrentMixer(nnx.Module):
         return q, k, v, g, beta
 
     def _activate_stream(self, qkv_raw, rank):
-        """Short conv (restarting where rank == 0) + SiLU, or SiLU alone: [B, L, C] -> [B, L, C]."""
+        """Short conv (restarting where rank == 0) + SiLU, or SiLU alone: [B, L, C] -> [B, L, C]
+        (the Pallas conv kernel where ``ops.resolve_conv_impl(self.impl)`` picks it)."""
         if self.use_short_conv:
-            return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank)
+            return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank, impl=self.impl)
         return jax.nn.silu(qkv_raw)
 
     def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):

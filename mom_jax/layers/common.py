@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mom_jax import ops
+
 LINEAR_INIT_GAIN = 2 ** -2.5
 
 
@@ -49,16 +51,20 @@ def gla_log_decay(gk_raw):
     return jax.nn.log_sigmoid(gk_raw.astype(jnp.float32)) / GLA_GATE_NORMALIZER
 
 
-def short_conv_packed(x, weight, rank, *, activation: bool = True):
+def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "xla"):
     """Depthwise causal conv along a packed stream, restarting (zero history) at every segment.
 
     Args:
       x: [B, L, C] raw projections; weight: [W, C] (weight[W-1] multiplies the current token);
       rank: int32 [B, L], index of each slot inside its segment: taps that would reach before the
         segment start read zero.
+      impl: "pallas" / "auto" run the Pallas kernel (``pallas_kernels.short_conv``) where
+        ``ops.resolve_conv_impl`` picks it; otherwise the shifted adds below (XLA).
     Returns:
       SiLU(conv(x)) [B, L, C] in x's dtype (accumulated in float32).
     """
+    if ops.resolve_conv_impl(impl) == "pallas":
+        return ops.short_conv_kernel()(x, weight, rank, activation=activation)
     w_size = weight.shape[0]
     acc = jnp.zeros(x.shape, jnp.float32)
     for shift in range(w_size):

@@ -55,6 +55,45 @@ _PALLAS_STEP: dict[str, Callable] = {}
 AUTO_STEP_PREFERS_PALLAS = True
 
 
+# The short-conv kernel (causal depthwise conv + SiLU over a packed stream, restarting at segment
+# starts): fn(x [B, L, C], weight [W, C], rank [B, L], *, activation) -> [B, L, C], differentiable.
+# Registered by ``pallas_kernels`` (Triton: GPU, interpret mode on CPU).
+_PALLAS_CONV: dict[str, Callable] = {}
+
+# Whether impl="auto" uses the short-conv kernel on GPU (see ``resolve_conv_impl``).
+AUTO_CONV_PREFERS_PALLAS = True
+
+
+def register_pallas_conv_kernel(fn: Callable) -> None:
+    """Lets ``pallas_kernels`` plug in the short-conv kernel (see ``resolve_conv_impl``)."""
+    _PALLAS_CONV["fn"] = fn
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """Implementation of the layers' short conv over a packed stream: "pallas" (the Triton
+    kernel; interpret mode on CPU) or "xla" (``layers.common.short_conv_packed``'s shifted adds).
+
+    "auto" picks the kernel on GPU; "pallas" picks it on GPU and CPU and falls back to XLA on TPU
+    (no Mosaic conv kernel); "xla" and "scan" use XLA.
+    """
+    common.check_impl(impl)
+    if impl not in ("pallas", "auto"):
+        return "xla"
+    _load_pallas_kernels()
+    if "fn" not in _PALLAS_CONV:
+        return "xla"
+    backend = jax.default_backend()
+    if impl == "auto":
+        return "pallas" if AUTO_CONV_PREFERS_PALLAS and backend in ("gpu", "cuda") else "xla"
+    return "pallas" if backend in ("gpu", "cuda", "cpu") else "xla"
+
+
+def short_conv_kernel() -> Callable:
+    """The registered short-conv kernel (use where ``resolve_conv_impl`` gives "pallas")."""
+    _load_pallas_kernels()
+    return _PALLAS_CONV["fn"]
+
+
 def register_pallas_step_kernel(fn: Callable, supported: Callable,
                                 features: Callable | None = None) -> None:
     """Lets ``pallas_kernels`` plug in the fused one-token step (see ``decode_step``) and the fused

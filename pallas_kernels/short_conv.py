@@ -1,0 +1,228 @@
+"""Causal depthwise short conv + SiLU over a packed stream, forward and backward (Pallas, Triton).
+
+Computes what ``mom_jax.layers.common.short_conv_packed`` computes,
+
+    acc[b, t, c] = sum_{s < W} weight[W-1-s, c] * x[b, t-s, c] * [rank[b, t] >= s]
+    out[b, t, c] = SiLU(acc[b, t, c])            (acc itself with activation=False)
+
+(``rank`` = index of slot t inside its segment, so the taps restart at every segment start), in the
+stream's own [B, L, C] layout.  Written in XLA, the per-channel weight gradient (a reduction over
+B and L) makes XLA lay the whole conv out channel-major, and the layer then pays for transposes of
+the projections into and the features out of that layout, forward and backward (1.3 ms of a GDN
+layer's 5.5 ms and 1.7 ms of a MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
+
+Kernels (grid over row x time block x channel block; every load a [block_l, block_c] tile):
+  forward:  W shifted loads of x, one store of SiLU(acc) in x's dtype;
+  backward: two passes.  First dacc = dy * SiLU'(acc) (the forward's loads plus dy), stored in
+            x's dtype; then for each shift s the tile of dacc at rows t+s (masked by the segment
+            restarts): dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile
+            partial sums sum_t x[t] dacc[t+s], [B, L / block_l, W, C] float32, summed in XLA.
+Every pass is bound by HBM traffic (on an H100 the forward at the MoM stream's size, 315 MB in and
+out, takes 1.1-1.2x an XLA elementwise copy of x); benchmarks/NOTES_kernels.md has the sweep and
+the one-pass backward that lost.
+Shifted tiles index rows with a clamped index vector and mask what fell outside the stream, so
+nothing is padded when L and C are whole tiles (interpret mode on CPU, the tests, runs the same
+code).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    """Tiling of the short-conv kernels (hashable; powers of two).
+
+    block_l, block_c: time steps and channels of one tile (one program).  num_warps: per program.
+    """
+    block_l: int = 64
+    block_c: int = 64
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block_l", "block_c", "num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"ConvConfig.{name} must be a power of two, got {v!r}")
+
+
+_DEFAULT = [ConvConfig()]
+
+
+def set_default_config(config: ConvConfig) -> None:
+    """Sets the tiling used by ``short_conv`` calls that pass no config (benchmarks sweep it)."""
+    if not isinstance(config, ConvConfig):
+        raise TypeError(f"expected a ConvConfig, got {type(config).__name__}")
+    _DEFAULT[0] = config
+
+
+def get_default_config() -> ConvConfig:
+    return _DEFAULT[0]
+
+
+def _silu_and_grad(acc):
+    sig = jax.nn.sigmoid(acc)
+    return acc * sig, sig * (1.0 + acc * (1.0 - sig))
+
+
+def _tile(ref, b, rows, cols, length):
+    """ref[b, rows, cols] as float32 for a row index vector that may leave [0, length): rows
+    are clamped into range (the caller masks the rows that were out of it)."""
+    return ref[b, jnp.clip(rows, 0, length - 1), cols].astype(F32)
+
+
+def _pre_activation(x_ref, rank, rows, b, cols, taps, length):
+    """acc[rows] = sum_s tap_s * x[rows - s] where rank[rows] >= s (and rows - s >= 0)."""
+    acc = jnp.zeros((rows.shape[0], cols.size), F32)
+    for s, tap in enumerate(taps):
+        keep = ((rank >= s) & (rows >= s))[:, None]
+        acc = acc + jnp.where(keep, _tile(x_ref, b, rows - s, cols, length) * tap, 0.0)
+    return acc
+
+
+def _taps(w_ref, cols, width):
+    """[1, block_c] weight of shift s (s = 0: the current token), for s < width."""
+    return [w_ref[width - 1 - s, cols][None, :] for s in range(width)]
+
+
+def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activation, length):
+    """Forward tile: SiLU(acc) (or acc); with a dy input (refs = dy, out) the backward's first
+    pass instead: dacc = dy * SiLU'(acc) (stored in x's dtype)."""
+    b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = j * block_l + jnp.arange(block_l)
+    cols = pl.ds(c * block_c, block_c)
+    acc = _pre_activation(x_ref, rank_ref[b, pl.ds(j * block_l, block_l)], rows, b, cols,
+                          _taps(w_ref, cols, width), length)
+    if len(refs) == 2:
+        dy_ref, o_ref = refs
+        o_ref[...] = (dy_ref[...].astype(F32) * _silu_and_grad(acc)[1]).astype(o_ref.dtype)
+    else:
+        (o_ref,) = refs
+        out = _silu_and_grad(acc)[0] if activation else acc
+        o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _bwd_kernel(x_ref, rank_ref, w_ref, dacc_ref, dx_ref, dw_ref, *, width, block_l, block_c,
+                length):
+    """Backward tile from dacc (the cotangent of the pre-activation): dx[t] = sum_s tap_s *
+    dacc[t+s] where the output at t+s reads x[t] (rank[t+s] >= s), and per-tile partial sums of
+    the weight gradient sum_t x[t] dacc[t+s] (masked alike)."""
+    b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = j * block_l + jnp.arange(block_l)
+    cols = pl.ds(c * block_c, block_c)
+    taps = _taps(w_ref, cols, width)
+    x0 = _tile(x_ref, b, rows, cols, length)
+    dx = jnp.zeros((block_l, block_c), F32)
+    for s in range(width):
+        out_rows = rows + s
+        rank = rank_ref[b, jnp.minimum(out_rows, length - 1)]
+        keep = ((out_rows < length) & (rank >= s))[:, None]
+        dacc = jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0)
+        dx = dx + dacc * taps[s]
+        dw_ref[b, j, width - 1 - s, cols] = jnp.sum(dacc * x0, axis=0)
+    dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _whole(x):
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _interpret() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _tiles(config: ConvConfig):
+    return pl.BlockSpec((None, config.block_l, config.block_c), lambda i, j, c: (i, j, c))
+
+
+def _params(config: ConvConfig):
+    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1)
+
+
+def _fwd_call(x, rank, weight, activation, config: ConvConfig, dy=None):
+    """SiLU(conv) (or the conv) in x's dtype; with dy, dacc = dy * SiLU'(acc) in x's dtype."""
+    (b, l, c), width = x.shape, weight.shape[0]
+    kernel = functools.partial(_fwd_kernel, width=width, block_l=config.block_l,
+                               block_c=config.block_c, activation=activation, length=l)
+    args = (x, rank, weight) + (() if dy is None else (dy,))
+    specs = [_whole(x), _whole(rank), _whole(weight)] + ([] if dy is None else [_tiles(config)])
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(b, l // config.block_l, c // config.block_c), in_specs=specs,
+        out_specs=_tiles(config), compiler_params=_params(config), interpret=_interpret(),
+        name="short_conv_fwd" if dy is None else "short_conv_bwd_dacc")(*args)
+
+
+def _bwd_call(x, rank, weight, dy, activation, config: ConvConfig):
+    """(dx in x's dtype, dweight float32 [W, C])."""
+    (b, l, c), width = x.shape, weight.shape[0]
+    n_blocks = l // config.block_l
+    dacc = _fwd_call(x, rank, weight, activation, config, dy=dy) if activation else dy
+    kernel = functools.partial(_bwd_kernel, width=width, block_l=config.block_l,
+                               block_c=config.block_c, length=l)
+    dw_shape = jax.ShapeDtypeStruct((b, n_blocks, width, c), F32)
+    dx, dw_parts = pl.pallas_call(
+        kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), dw_shape),
+        grid=(b, n_blocks, c // config.block_c),
+        in_specs=[_whole(x), _whole(rank), _whole(weight), _whole(dacc)],
+        out_specs=(_tiles(config), _whole(dw_shape)),
+        compiler_params=_params(config), interpret=_interpret(),
+        name="short_conv_bwd")(x, rank, weight, dacc)
+    return dx, jnp.sum(dw_parts, axis=(0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _short_conv(x, weight, rank, activation: bool, config: ConvConfig):
+    """The kernels on whole tiles: L % block_l == C % block_c == 0; weight float32."""
+    return _fwd_call(x, rank, weight, activation, config)
+
+
+def _short_conv_fwd(x, weight, rank, activation, config):
+    return _fwd_call(x, rank, weight, activation, config), (x, weight, rank)
+
+
+def _short_conv_bwd(activation, config, res, dy):
+    x, weight, rank = res
+    dx, dw = _bwd_call(x, rank, weight, dy, activation, config)
+    return dx, dw, None
+
+
+_short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)
+
+
+def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig | None = None):
+    """SiLU(causal depthwise conv) of a packed stream, restarting at every segment start.
+
+    Args:
+      x: [B, L, C] float (bf16 or f32) raw projections.
+      weight: [W, C] float (weight[W-1] multiplies the current token).
+      rank: int [B, L], index of each slot inside its segment (taps reaching before it read zero).
+      activation: apply SiLU (else the plain conv).
+      config: tiling (default ``get_default_config()``).
+    Returns:
+      [B, L, C] in x's dtype (accumulated in float32), differentiable in x and weight (dx in x's
+      dtype, dweight in weight's dtype).  GPU (Triton); interpret mode on CPU.
+    """
+    if x.ndim != 3 or weight.ndim != 2 or weight.shape[1] != x.shape[2]:
+        raise ValueError(f"short_conv: need x [B, L, C] and weight [W, C], got x {x.shape}, "
+                         f"weight {weight.shape}")
+    if rank.shape != x.shape[:2]:
+        raise ValueError(f"short_conv: rank must be [B, L] = {list(x.shape[:2])}, got "
+                         f"{list(rank.shape)}")
+    config = config or get_default_config()
+    (_, l, c), dtype = x.shape, weight.dtype
+    pad_l, pad_c = -l % config.block_l, -c % config.block_c
+    if pad_l or pad_c:   # ragged edges: zero rows after the stream (never read by earlier rows)
+        x = jnp.pad(x, ((0, 0), (0, pad_l), (0, pad_c)))
+        rank = jnp.pad(rank, ((0, 0), (0, pad_l)))
+        weight = jnp.pad(weight, ((0, 0), (0, pad_c)))
+    out = _short_conv(x, weight.astype(F32), rank.astype(jnp.int32), bool(activation), config)
+    return out[:, :l, :c] if pad_l or pad_c else out

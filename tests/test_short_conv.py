@@ -1,0 +1,144 @@
+"""The short-conv kernel (``pallas_kernels.short_conv``, interpret mode on CPU) against a
+token-by-token numpy loop (values) and XLA autodiff of ``short_conv_packed``'s shifted adds
+(gradients), on random packed streams with segments of length 1 upwards.  Also: the Triton kernels
+lower for CUDA, and the layers route their conv to the kernel as ``ops.resolve_conv_impl`` says."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels  # noqa: F401  (registers the kernels)
+from mom_jax import ops
+from mom_jax.layers import common as lc
+from pallas_kernels import short_conv as sc
+from tests.lowering import abstract_mesh
+
+SMALL = sc.ConvConfig(block_l=16, block_c=32)
+
+
+def _stream(seed, b, l, c, w, dtype=jnp.float32, p_start=0.15):
+    """Random x [B, L, C], weight [W, C], rank [B, L] (segments start at random slots), dy."""
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(k1, (b, l, c), jnp.float32).astype(dtype)
+    weight = jax.random.normal(k2, (w, c), jnp.float32)
+    starts = jax.random.bernoulli(k3, p_start, (b, l)).at[:, 0].set(True)
+    pos = jnp.arange(l)[None]
+    rank = (pos - jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)).astype(jnp.int32)
+    dy = jax.random.normal(k4, (b, l, c), jnp.float32).astype(dtype)
+    return x, weight, rank, dy
+
+
+def _numpy_conv(x, weight, rank, activation):
+    x, weight, rank = (np.asarray(a, np.float64) for a in (x, weight, rank))
+    w = weight.shape[0]
+    acc = np.zeros_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for s in range(min(w, int(rank[b, t]) + 1)):
+                acc[b, t] += weight[w - 1 - s] * x[b, t - s]
+    return acc / (1.0 + np.exp(-acc)) if activation else acc
+
+
+@pytest.mark.parametrize("b,l,c,w,activation", [
+    (2, 100, 40, 4, True),     # L, C not whole blocks
+    (1, 64, 64, 2, True),
+    (2, 48, 32, 4, False),
+])
+def test_forward_matches_token_loop(b, l, c, w, activation):
+    x, weight, rank, _ = _stream(0, b, l, c, w)
+    out = sc.short_conv(x, weight, rank, activation=activation, config=SMALL)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_allclose(out, _numpy_conv(x, weight, rank, activation), rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(rank)) >= w and int(jnp.sum(rank == 0)) > b     # restarts were tested
+
+
+@pytest.mark.parametrize("b,l,c,w,activation,config", [
+    (2, 100, 40, 4, True, SMALL),
+    (2, 96, 64, 3, False, SMALL),
+    (1, 128, 64, 4, True, sc.ConvConfig(block_l=32, block_c=64)),
+])
+def test_gradients_match_xla_autodiff(b, l, c, w, activation, config):
+    x, weight, rank, dy = _stream(1, b, l, c, w, p_start=0.3)
+
+    def xla(x, weight):
+        return lc.short_conv_packed(x, weight, rank, activation=activation, impl="xla")
+
+    def kernel(x, weight):
+        return sc.short_conv(x, weight, rank, activation=activation, config=config)
+
+    out_ref, vjp_ref = jax.vjp(xla, x, weight)
+    out, vjp = jax.vjp(kernel, x, weight)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(dy), vjp_ref(dy)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_stream_within_rounding_of_float32():
+    """bf16 in and out (the backward's dacc stored in bf16 too): out and dx as close to the
+    float32 answer as XLA's own bf16 conv; dweight within a few bf16 ulps (XLA keeps it exact)."""
+    x, weight, rank, dy = _stream(2, 2, 80, 64, 4, dtype=jnp.bfloat16)
+
+    def run(impl, x, dy):
+        def f(x, weight):
+            if impl == "kernel":
+                return sc.short_conv(x, weight, rank, config=SMALL)
+            return lc.short_conv_packed(x, weight, rank, impl="xla")
+        out, vjp = jax.vjp(f, x, weight)
+        return (out,) + vjp(dy)
+
+    want = run("xla", x.astype(jnp.float32), dy.astype(jnp.float32))
+    got, xla_bf16 = run("kernel", x, dy), run("xla", x, dy)
+    assert got[0].dtype == got[1].dtype == jnp.bfloat16 and got[2].dtype == jnp.float32
+
+    def err(a, b):
+        return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+
+    for i in (0, 1):
+        assert 0 < err(got[i], want[i]) <= 1.2 * err(xla_bf16[i], want[i]) + 1e-4
+    assert err(got[2], want[2]) < 5e-3
+
+
+def test_config_and_shape_errors():
+    x, weight, rank, _ = _stream(3, 1, 16, 8, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        sc.ConvConfig(block_l=24)
+    with pytest.raises(ValueError, match="weight"):
+        sc.short_conv(x, weight[:, :4], rank)
+    with pytest.raises(ValueError, match="rank"):
+        sc.short_conv(x, weight, rank[:, :8])
+
+
+def test_resolve_conv_impl_and_layer_routing(monkeypatch):
+    assert ops.resolve_conv_impl("pallas") == "pallas"      # interpret mode on CPU
+    assert ops.resolve_conv_impl("auto") == "xla"           # CPU: XLA unless asked
+    assert ops.resolve_conv_impl("xla") == ops.resolve_conv_impl("scan") == "xla"
+    calls = []
+    original = ops.short_conv_kernel()
+    monkeypatch.setitem(ops.api._PALLAS_CONV, "fn",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    x, weight, rank, _ = _stream(4, 1, 32, 16, 4)
+    np.testing.assert_allclose(lc.short_conv_packed(x, weight, rank, impl="pallas"),
+                               lc.short_conv_packed(x, weight, rank, impl="xla"),
+                               rtol=1e-6, atol=1e-6)
+    assert calls == [1]
+
+
+def test_kernels_lower_for_cuda(monkeypatch):
+    """Forward and backward (two passes) lower to three Triton calls for an H100 without a GPU."""
+    monkeypatch.setattr(sc, "_interpret", lambda: False)
+    sds = jax.ShapeDtypeStruct
+    args = (sds((2, 6400, 3072), jnp.bfloat16), sds((4, 3072), jnp.float32))
+    rank = sds((2, 6400), jnp.int32)
+
+    def loss(x, weight, rank):
+        return jnp.sum(sc.short_conv(x, weight, rank).astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(abstract_mesh()):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args, rank).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    for name in ("short_conv_fwd", "short_conv_bwd_dacc", "short_conv_bwd"):
+        assert name in text
