@@ -2,10 +2,11 @@
 
 Usage (GPU machine):  python -m benchmarks.bench_layer [--impls xla,pallas] [--projections dense]
                           [--shapes 8x2048,2x8192] [--out benchmarks/results/x.json]
-                          [--kernel-configs '{}' '{"ut_kernel": "blocked"}']
+                          [--kernel-configs '{}' '{"ut_kernel": "masked"}'] [--conv-impls pallas,xla]
 Several impls run side by side in one process (same card, same inputs); with --kernel-configs, the
 pallas impl once per kernel configuration (JSON fields of ``pallas_kernels.gated_delta.Config``
-over the defaults).
+over the defaults); with --conv-impls, the pallas impl once with the short-conv kernel and once
+with the XLA conv.
 
 Method: jit once, 3 warm-up calls (benchmarks/timing.py), then ``--repeats`` timed calls, each ended by
 ``jax.block_until_ready``; the median is reported (min and max too).  Inputs are random normal
@@ -15,6 +16,7 @@ and the input.  The card and versions are printed and stored with the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -25,6 +27,7 @@ from flax import nnx
 
 from benchmarks.timing import time_fn
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+from mom_jax.ops import api as ops_api
 from pallas_kernels import gated_delta as gd_kernels
 
 
@@ -44,6 +47,21 @@ def layer_fns(layer, batch: int, seq: int, dim: int, dtype=jnp.bfloat16):
         return jnp.sum(apply(p, x).astype(jnp.float32) * r)
 
     return jax.jit(apply), jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x)
+
+
+@contextlib.contextmanager
+def conv_impl(name: str):
+    """Traces inside use the short-conv kernel ("pallas", where ``ops.resolve_conv_impl`` picks
+    it) or, with "xla", the XLA conv everywhere (the kernel unregistered for the duration)."""
+    if name not in ("pallas", "xla"):
+        raise ValueError(f"conv impl must be 'pallas' or 'xla', got {name!r}")
+    saved = dict(ops_api._PALLAS_CONV)
+    if name == "xla":
+        ops_api._PALLAS_CONV.clear()
+    try:
+        yield
+    finally:
+        ops_api._PALLAS_CONV.update(saved)
 
 
 def bench_layer(layer, batch: int, seq: int, dim: int, repeats: int, dtype=jnp.bfloat16):
@@ -83,7 +101,13 @@ def main():
     ap.add_argument("--shapes", default="8x2048,2x8192", help="comma list of BxT")
     ap.add_argument("--kernel-configs", nargs="*", default=["{}"],
                     help="JSON Config overrides for impl=pallas, each timed side by side")
+    ap.add_argument("--conv-impls", default="pallas",
+                    help="short conv with impl=pallas: comma list of pallas (kernel), xla")
     args = ap.parse_args()
+    conv_impls = args.conv_impls.split(",")
+    for c in conv_impls:
+        with conv_impl(c):   # bad names fail here
+            pass
     base_config = gd_kernels.get_default_config()
     kernel_configs = [json.loads(c) for c in args.kernel_configs]
     for c in kernel_configs:
@@ -106,24 +130,28 @@ def main():
     rows = []
     for name, kw, b, t in configs:
         for impl in impls:
-            for kc in (kernel_configs if impl == "pallas" else [{}]):
+            variants = ([(kc, conv) for kc in kernel_configs for conv in conv_impls]
+                        if impl == "pallas" else [({}, "xla")])
+            for kc, conv in variants:
                 gd_kernels.set_default_config(dataclasses.replace(base_config, **kc))
                 cls = MoMLayer if name == "MoM" else GatedDeltaNetLayer
                 layer = cls(d, num_heads=h, head_dim=dk, impl=impl, dtype=jnp.bfloat16,
                             rngs=nnx.Rngs(0), **kw)
-                res = bench_layer(layer, b, t, d, args.repeats)
+                with conv_impl(conv):
+                    res = bench_layer(layer, b, t, d, args.repeats)
                 row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=impl,
                            **kw, **res)
                 if impl == "pallas":
-                    row["kernel_config"] = json.dumps(kc)
+                    row.update(kernel_config=json.dumps(kc), conv=conv)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             gd_kernels.set_default_config(base_config)
-    print(f"\n| layer | E | proj | B x T | impl | kernel config | fwd ms | fwd+bwd ms |  "
+    print(f"\n| layer | E | proj | B x T | impl | kernel config | conv | fwd ms | fwd+bwd ms |  "
           f"({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
               f"| {r['batch']}x{r['seq']} | {r['impl']} | {r.get('kernel_config', '-')} | "
+              f"{r.get('conv', 'xla')} | "
               f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -1,13 +1,15 @@
 """Where does the MoM layer's forward+backward time go?  GPU-kernel profile of one jitted call.
 
-  python -m benchmarks.profile_layer [--memories 4] [--shape 8x2048] [--impl auto] [--out F]
+  python -m benchmarks.profile_layer [--memories 4] [--shape 8x2048] [--impl auto] [--conv pallas]
+                                    [--out F]
 
 Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, dense routed
 projections, bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``), records a
 ``jax.profiler`` trace of ``--calls`` calls and reads it back (``profile_decode.kernel_events``):
 GPU kernels grouped by name (count and ms per call, largest first) and by kind -- the Pallas gated
-delta kernels (``gdn_*``), matmuls (cuBLAS / cutlass / XLA gemm fusions), everything else (XLA
-fusions: gathers, scatters, elementwise, reductions) -- against the wall time of a call.
+delta kernels (``gdn_*``), the Pallas short-conv kernels (``short_conv_*``), matmuls (cuBLAS /
+cutlass / XLA gemm fusions), everything else (XLA fusions: gathers, scatters, elementwise,
+reductions) -- against the wall time of a call.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.bench_layer import layer_fns
+from benchmarks.bench_layer import conv_impl, layer_fns
 from benchmarks.profile_decode import kernel_events
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
 
@@ -31,6 +33,8 @@ def kind_of(name: str) -> str:
     low = name.lower()
     if low.startswith("gdn_") or "gdn_" in low:
         return "pallas gated delta kernels"
+    if "short_conv" in low:
+        return "pallas short-conv kernels"
     if any(s in low for s in ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "dot")):
         return "matmuls"
     return "other XLA kernels"
@@ -73,6 +77,8 @@ def main():
     ap.add_argument("--shape", default="8x2048", help="BxT")
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--conv", default="pallas", help="short conv: pallas (kernel where the impl "
+                    "picks it) or xla")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     b, t = (int(v) for v in args.shape.split("x"))
@@ -90,7 +96,8 @@ def main():
                                        dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         else:
             raise SystemExit(f"--layers: unknown layer {name!r} (mom, gdn)")
-        r = profile(layer, b, t, d, args.calls)
+        with conv_impl(args.conv):
+            r = profile(layer, b, t, d, args.calls)
         results[name] = r
         print(f"\n{name} B{b} T{t}: wall {r['wall_ms_per_call']} ms/call, GPU busy "
               f"{r['gpu_busy_ms_per_call']} ms, {r['kernels_per_call']:.0f} kernels")
@@ -101,6 +108,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev, jax=jax.__version__, shape=args.shape, impl=args.impl,
+                           conv=args.conv,
                            results=results), f, indent=1)
 
 

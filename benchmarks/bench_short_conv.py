@@ -1,0 +1,87 @@
+"""Times the short conv (+ SiLU) of the layers' packed streams: XLA shifted adds vs the Pallas kernel.
+
+Usage (GPU machine):  python -m benchmarks.bench_short_conv [--shapes 8x6400x3072,8x2048x3072]
+                          [--configs '{}' '{"block_l": 64}'] [--out benchmarks/results/x.json]
+Shapes are B x L x C: 8x6400x3072 is the MoM layer's stream at B8 T2048 (E4 top-2 + shared, D=1024:
+q|k|v = 3072 channels), 8x2048x3072 the Gated DeltaNet layer's.  Segments start at random slots
+(mean length 64).  bf16 x, float32 weight.  fwd = the conv; fwd+bwd = value_and_grad of
+sum(out * r) w.r.t. x and the weight.  Timing: ``benchmarks.timing.time_fn`` (3 warm-ups, median of
+``--repeats``, ``jax.block_until_ready``).  Also checks the kernel against the XLA conv (max abs
+error of out, dx, dw relative to their max).  Memory traffic of the ideal fwd: read x, write out
+(2 bytes each); of the ideal bwd: read x and dy, write dx.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.timing import time_fn
+from mom_jax.layers import common as lc
+from pallas_kernels import short_conv as sc
+
+
+def _inputs(b, l, c, w=4):
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(k1, (b, l, c), jnp.bfloat16)
+    weight = jax.random.normal(k2, (w, c), jnp.float32) * 0.5
+    starts = jax.random.bernoulli(k3, 1 / 64, (b, l)).at[:, 0].set(True)
+    pos = jnp.arange(l)[None]
+    rank = (pos - jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)).astype(jnp.int32)
+    r = jax.random.normal(k4, (b, l, c), jnp.float32)
+    return x, weight, rank, r
+
+
+def _fns(conv, rank, r):
+    fwd = jax.jit(lambda x, w: conv(x, w, rank))
+    loss = lambda x, w: jnp.sum(conv(x, w, rank).astype(jnp.float32) * r)  # noqa: E731
+    return fwd, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8x6400x3072,8x2048x3072")
+    ap.add_argument("--configs", nargs="*", default=["{}"], help="JSON ConvConfig overrides")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    configs = [sc.ConvConfig(**json.loads(c)) for c in args.configs]
+    dev = jax.devices()[0].device_kind
+    print(f"device: {dev}, jax {jax.__version__}", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        b, l, c = (int(v) for v in shape.split("x"))
+        x, w, rank, r = _inputs(b, l, c)
+        gbytes = b * l * c * 2 / 1e9
+        variants = [("xla", None, lambda x, w, rk: lc.short_conv_packed(x, w, rk, impl="xla"))]
+        for cfg in configs:
+            variants.append(("pallas", cfg, lambda x, w, rk, cfg=cfg: sc.short_conv(
+                x, w, rk, config=cfg)))
+        ref_fwd, ref_fb = _fns(variants[0][2], rank, r)
+        ref_out, (_, ref_g) = ref_fwd(x, w), ref_fb(x, w)
+        for name, cfg, conv in variants:
+            fwd, fb = _fns(conv, rank, r)
+            out, (_, g) = fwd(x, w), fb(x, w)
+            err = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b_.astype(jnp.float32)))
+                         / jnp.max(jnp.abs(b_.astype(jnp.float32))))
+                   for a, b_ in ((out, ref_out), (g[0], ref_g[0]), (g[1], ref_g[1]))]
+            tf, tfb = time_fn(fwd, (x, w), args.repeats), time_fn(fb, (x, w), args.repeats)
+            row = dict(shape=shape, impl=name, config=None if cfg is None else cfg.__dict__,
+                       fwd_ms=tf["median_ms"], fwd_bwd_ms=tfb["median_ms"],
+                       fwd_GBps=2 * gbytes / tf["median_ms"] * 1e3,
+                       rel_err_out_dx_dw=err)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n| B x L x C | impl | config | fwd ms | fwd+bwd ms | fwd GB/s |  ({dev})")
+    for r_ in rows:
+        print(f"| {r_['shape']} | {r_['impl']} | {r_['config'] or '-'} | {r_['fwd_ms']:.3f} | "
+              f"{r_['fwd_bwd_ms']:.3f} | {r_['fwd_GBps']:.0f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=dev, jax=jax.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
