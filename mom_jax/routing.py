@@ -10,10 +10,15 @@ routed to that memory, a cumulative sum: stable, no sort) and is padded to whole
 part has at most T*k + E*(C-1) slots, rounded up to a chunk.  The shared memory's segment (all T tokens)
 follows.  Nothing depends on the routing at trace time: a change of routing never recompiles and never
 syncs with the host.
+
+Every move between tokens and slots (``dispatch``, ``combine``, ``gather_rows``) is a gather whose
+VJP is again a gather, through the inverse map (slot -> token and token -> its k (+1) slots are both
+known from the plan), never a scatter-add.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -127,31 +132,147 @@ def plan_dispatch(indices: jax.Array, num_memories: int, chunk_size: int,
                         slot_token, slot_rank, layout, l_routed, e, shared)
 
 
+def _gather_index(idx: jax.Array, ndim: int) -> jax.Array:
+    """Clamps -1 entries of an int32 [B, M] index to 0 and appends ``ndim - 2`` unit axes."""
+    idx = jnp.maximum(idx, 0)
+    return idx.reshape(idx.shape + (1,) * (ndim - 2))
+
+
+def _gather_rows_impl(x, src):
+    valid = (src >= 0).reshape(src.shape + (1,) * (x.ndim - 2))
+    return jnp.where(valid, jnp.take_along_axis(x, _gather_index(src, x.ndim), axis=1), 0)
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
+    """out[b, l] = x[b, src[b, l]] (zeros where src < 0), with a gather (not a scatter-add) as VJP.
+
+    Each output row reads at most one source row; a source row may feed several output rows (up to
+    m), and ``inv`` lists them: the caller guarantees that l appears in ``inv[b, s]`` exactly when
+    ``src[b, l] == s`` (and at most once).  The backward is then
+    dx[b, s] = sum_i dout[b, inv[b, s, i]] over the entries inv[b, s, i] >= 0.
+
+    Args:
+      x: [B, S, ...] any float dtype.
+      src: int32 [B, L]; source row of each output row, -1 for a zero row.
+      inv: int32 [B, S, m]; the output rows that read each source row, -1 for unused entries.
+    Returns:
+      [B, L, ...] in x.dtype.  The cotangent of x is summed in float32 and cast to x.dtype;
+      src and inv get None.
+    """
+    return _gather_rows_impl(x, src)
+
+
+def _gather_rows_fwd(x, src, inv):
+    return _gather_rows_impl(x, src), inv
+
+
+def _gather_rows_bwd(inv, dout):
+    b, s, m = inv.shape
+    extra = dout.shape[2:]
+    picked = jnp.take_along_axis(dout, _gather_index(inv.reshape(b, s * m), dout.ndim), axis=1)
+    picked = picked.reshape((b, s, m) + extra).astype(jnp.float32)
+    used = (inv >= 0).reshape((b, s, m) + (1,) * len(extra))
+    dx = jnp.sum(jnp.where(used, picked, 0.0), axis=2)
+    return dx.astype(dout.dtype), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def token_slots(plan: DispatchPlan) -> jax.Array:
+    """int32 [B, T, k (+1 if shared)]: every slot that holds token t (``gather_rows``' inverse of
+    ``plan.slot_token``): its routed slots ``positions``, then its shared slot routed_length + t."""
+    if not plan.shared:
+        return plan.positions
+    b, t, _ = plan.positions.shape
+    shared = plan.routed_length + jnp.arange(t, dtype=jnp.int32)
+    return jnp.concatenate(
+        [plan.positions, jnp.broadcast_to(shared[None, :, None], (b, t, 1))], axis=2)
+
+
+def memory_slots(indices: jax.Array, positions: jax.Array, num_memories: int) -> jax.Array:
+    """int32 [B, T, E]: routed slot of (token t, memory m), -1 where t is not routed to m.
+
+    Args:
+      indices: int32 [B, T, k] routing choices (distinct per token); positions: int32 [B, T, k]
+        (``DispatchPlan.positions``).
+    """
+    hit = indices[..., None] == jnp.arange(num_memories, dtype=jnp.int32)      # [B, T, k, E]
+    return jnp.max(jnp.where(hit, positions[..., None], -1), axis=2).astype(jnp.int32)
+
+
 def dispatch(x: jax.Array, plan: DispatchPlan) -> jax.Array:
-    """Copies token features into the packed stream: [B, T, ...] -> [B, L, ...] (zeros in padding)."""
-    idx = jnp.maximum(plan.slot_token, 0)
-    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-    out = jnp.take_along_axis(x, idx, axis=1)
-    return jnp.where(plan.valid.reshape(plan.valid.shape + (1,) * (x.ndim - 2)), out, 0)
+    """Copies token features into the packed stream: [B, T, ...] -> [B, L, ...] (zeros in padding).
+
+    Output in x.dtype.  Backward: dx[b, t] = sum of dout over the k routed slots of t (and its
+    shared slot), gathered and summed in float32, cast to x.dtype (no scatter-add).
+    """
+    return gather_rows(x, plan.slot_token, token_slots(plan))
+
+
+def _combine_impl(o, weights, positions, routed_length, shared):
+    b, t, k = positions.shape
+    extra = o.shape[2:]
+    pos = positions.reshape(b, t * k, *([1] * len(extra)))
+    picked = jnp.take_along_axis(o, pos, axis=1).reshape((b, t, k) + extra).astype(jnp.float32)
+    w = weights.astype(jnp.float32).reshape((b, t, k) + (1,) * len(extra))
+    y = jnp.sum(picked * w, axis=2)
+    if shared:
+        y = y + o[:, routed_length:routed_length + t].astype(jnp.float32)
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _combine(o, weights, positions, slot_token, routed_length, shared):
+    return _combine_impl(o, weights, positions, routed_length, shared)
+
+
+def _combine_fwd(o, weights, positions, slot_token, routed_length, shared):
+    y = _combine_impl(o, weights, positions, routed_length, shared)
+    return y, (o, weights, positions, slot_token)
+
+
+def _combine_bwd(routed_length, shared, res, dy):
+    o, weights, positions, slot_token = res
+    b, t, k = positions.shape
+    length, extra = o.shape[1], o.shape[2:]
+    feat_axes = tuple(range(3, 3 + len(extra)))
+    # d weights[b, t, j] = <dy[b, t], o[b, positions[b, t, j]]> (o re-gathered, not saved).
+    pos = positions.reshape(b, t * k, *([1] * len(extra)))
+    picked = jnp.take_along_axis(o, pos, axis=1).reshape((b, t, k) + extra).astype(jnp.float32)
+    dw = jnp.sum(picked * dy[:, :, None], axis=feat_axes).astype(weights.dtype)
+    # d o[b, l] = w[b, tok, j] * dy[b, tok] for slot l = positions[b, tok, j]; dy[b, t] for the
+    # shared slot routed_length + t; zero in padding.  j is found by comparing positions[b, tok].
+    tok = jnp.maximum(slot_token, 0)[..., None]                                   # [B, L, 1]
+    hit = (jnp.take_along_axis(positions, tok, axis=1)
+           == jnp.arange(length, dtype=jnp.int32)[None, :, None])                  # [B, L, k]
+    w_tok = jnp.take_along_axis(weights.astype(jnp.float32), tok, axis=1)         # [B, L, k]
+    slot_w = jnp.sum(jnp.where(hit, w_tok, 0.0), axis=2)                          # [B, L]
+    if shared:
+        slot_w = jnp.where(jnp.arange(length) >= routed_length, 1.0, slot_w)
+    dy_slot = jnp.take_along_axis(dy, _gather_index(slot_token, dy.ndim), axis=1)  # [B, L, ...]
+    slot_w = slot_w.reshape(slot_w.shape + (1,) * len(extra))
+    valid = (slot_token >= 0).reshape(slot_token.shape + (1,) * len(extra))
+    do = jnp.where(valid, dy_slot * slot_w, 0.0).astype(o.dtype)
+    return do, dw, None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def combine(o: jax.Array, weights: jax.Array, plan: DispatchPlan) -> jax.Array:
     """Inverse of dispatch: y_t = sum_j w_tj o[pos_tj] (+ o of the shared segment at t).
 
     Args:
-      o: [B, L, ...] per-slot outputs; weights: [B, T, k].
+      o: [B, L, ...] per-slot outputs (any float dtype); weights: [B, T, k] (any float dtype).
     Returns:
-      [B, T, ...] in float32.
+      [B, T, ...] in float32.  Backward by gathers only: d o[b, l] = w[b, t, j] * dy[b, t] for the
+      routed slot l of (t, j), dy[b, t] for the shared slot of t, 0 in padding (computed in float32,
+      cast to o.dtype); d weights[b, t, j] = sum over the feature axes of dy[b, t] * o[b, pos_tj]
+      (float32, cast to weights.dtype).
     """
-    b, t, k = plan.positions.shape
-    extra = o.shape[2:]
-    pos = plan.positions.reshape(b, t * k, *([1] * len(extra)))
-    picked = jnp.take_along_axis(o, pos, axis=1).reshape((b, t, k) + extra).astype(jnp.float32)
-    w = weights.astype(jnp.float32).reshape((b, t, k) + (1,) * len(extra))
-    y = jnp.sum(picked * w, axis=2)
-    if plan.shared:
-        y = y + o[:, plan.routed_length:plan.routed_length + t].astype(jnp.float32)
-    return y
+    return _combine(o, weights, plan.positions, plan.slot_token, plan.routed_length, plan.shared)
 
 
 def load_balancing_loss(router_logits, topk: int, mask: jax.Array | None = None) -> jax.Array:

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mom_jax import routing
 
@@ -113,3 +114,173 @@ def test_load_balancing_loss_is_minimal_when_balanced():
     # uniform router: P = 1/E, f sums to 1 per choice -> L = k exactly
     logits = jnp.zeros((4, 16, 4))
     np.testing.assert_allclose(routing.load_balancing_loss(logits, 2), 2.0, rtol=1e-6)
+
+
+# --- Gather VJPs against the plain take_along_axis gathers (whose VJPs are scatter-adds) --------
+# The reference functions are copies of dispatch, combine and MoMLayer._routed_raw's single_kv_proj
+# and dense branches as they were before the custom VJPs.
+
+def ref_dispatch(x, plan):
+    idx = jnp.maximum(plan.slot_token, 0)
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    out = jnp.take_along_axis(x, idx, axis=1)
+    return jnp.where(plan.valid.reshape(plan.valid.shape + (1,) * (x.ndim - 2)), out, 0)
+
+
+def ref_combine(o, weights, plan):
+    b, t, k = plan.positions.shape
+    extra = o.shape[2:]
+    pos = plan.positions.reshape(b, t * k, *([1] * len(extra)))
+    picked = jnp.take_along_axis(o, pos, axis=1).reshape((b, t, k) + extra).astype(jnp.float32)
+    w = weights.astype(jnp.float32).reshape((b, t, k) + (1,) * len(extra))
+    y = jnp.sum(picked * w, axis=2)
+    if plan.shared:
+        y = y + o[:, plan.routed_length:plan.routed_length + t].astype(jnp.float32)
+    return y
+
+
+def ref_routed_raw(self, x, idx, plan, w_mem):
+    b, t, d = x.shape
+    e, lr = self.num_memories, plan.routed_length
+    if self.single_kv_proj:
+        proj = x @ w_mem[0]
+        out = jnp.take_along_axis(proj, jnp.maximum(plan.slot_token[:, :lr], 0)[..., None], 1)
+    else:
+        assert self.routed_projection == "dense"
+        proj = jnp.einsum("btd,edn->bten", x, w_mem).reshape(b, t * e, -1)
+        seg = jnp.repeat(plan.layout.chunk_segment[:, :lr // self.chunk_size], self.chunk_size,
+                         axis=1)
+        src = jnp.maximum(plan.slot_token[:, :lr], 0) * e + jnp.maximum(seg, 0)
+        out = jnp.take_along_axis(proj, src[..., None], axis=1)
+    return jnp.where(plan.valid[:, :lr, None], out, 0)
+
+
+def _vjp_pair(fn, ref_fn, args, seed):
+    """Values and cotangents (random) of fn and ref_fn at args."""
+    out = jax.eval_shape(fn, *args)
+    ct = jax.random.normal(jax.random.PRNGKey(seed), out.shape, jnp.float32).astype(out.dtype)
+
+    @jax.jit
+    def run(args, ct):
+        (y, vjp), (y_ref, vjp_ref) = jax.vjp(fn, *args), jax.vjp(ref_fn, *args)
+        return y, y_ref, vjp(ct), vjp_ref(ct)
+    return run(args, ct)
+
+
+@pytest.mark.parametrize("e,k,shared", [(4, 2, True), (4, 1, False), (4, 4, True), (3, 3, False),
+                                        (8, 3, True), (1, 1, True)])
+@pytest.mark.parametrize("extra", [(6,), (3, 4)])
+def test_dispatch_and_combine_vjps_match_plain_gathers(e, k, shared, extra):
+    b, t, c = 3, 29, 8                       # T not a multiple of the chunk
+    keys = jax.random.split(jax.random.PRNGKey(100 * e + 10 * k + len(extra)), 3)
+    w, _, plan = plan_for(jax.random.normal(keys[0], (b, t, e)), k, c, shared)
+    x = jax.random.normal(keys[1], (b, t) + extra)
+    y, y_ref, (dx,), (dx_ref,) = _vjp_pair(lambda x: routing.dispatch(x, plan),
+                                           lambda x: ref_dispatch(x, plan), (x,), 1)
+    np.testing.assert_array_equal(y, y_ref)
+    assert dx.dtype == x.dtype
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+
+    o = jax.random.normal(keys[2], (b, plan.length) + extra)     # non-zero padding too
+    y, y_ref, (do, dw), (do_ref, dw_ref) = _vjp_pair(
+        lambda o, w: routing.combine(o, w, plan), lambda o, w: ref_combine(o, w, plan), (o, w), 2)
+    np.testing.assert_array_equal(y, y_ref)
+    assert do.dtype == o.dtype and dw.dtype == w.dtype
+    np.testing.assert_array_equal(do, do_ref)                     # one product per slot: exact
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_gather_vjps_keep_low_precision_dtypes():
+    b, t, e, k = 2, 13, 4, 2
+    w, _, plan = plan_for(jax.random.normal(jax.random.PRNGKey(0), (b, t, e)), k, 4, True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (b, t, 5)).astype(jnp.bfloat16)
+    y, y_ref, (dx,), (dx_ref,) = _vjp_pair(lambda x: routing.dispatch(x, plan),
+                                           lambda x: ref_dispatch(x, plan), (x,), 2)
+    np.testing.assert_array_equal(y, y_ref)
+    assert dx.dtype == jnp.bfloat16                # summed in float32, so not bitwise the reference
+    np.testing.assert_allclose(np.float32(dx), np.float32(dx_ref), rtol=2e-2, atol=2e-2)
+    o = jax.random.normal(jax.random.PRNGKey(3), (b, plan.length, 5)).astype(jnp.bfloat16)
+    w16 = w.astype(jnp.bfloat16)
+    y, y_ref, (do, dw), (do_ref, dw_ref) = _vjp_pair(
+        lambda o, w: routing.combine(o, w, plan), lambda o, w: ref_combine(o, w, plan), (o, w16), 4)
+    np.testing.assert_array_equal(y, y_ref)
+    assert do.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(do, do_ref)
+    np.testing.assert_allclose(np.float32(dw), np.float32(dw_ref), rtol=1e-2, atol=1e-2)
+
+
+def test_memory_slots_inverts_positions():
+    b, t, e, k = 2, 19, 5, 3
+    _, idx, plan = plan_for(jax.random.normal(jax.random.PRNGKey(4), (b, t, e)), k, 4, False)
+    inv = np.asarray(routing.memory_slots(idx, plan.positions, e))
+    expected = np.full((b, t, e), -1)
+    for bb in range(b):
+        for tt in range(t):
+            for j in range(k):
+                expected[bb, tt, idx[bb, tt, j]] = plan.positions[bb, tt, j]
+    np.testing.assert_array_equal(inv, expected)
+
+
+def _backward_hlo(fn, *args):
+    def bwd(args, ct):
+        return jax.vjp(fn, *args)[1](ct)
+    ct = jax.eval_shape(fn, *args)
+    ct = jnp.ones(ct.shape, ct.dtype)
+    return jax.jit(bwd).lower(args, ct).as_text()
+
+
+def test_backwards_have_no_scatter():
+    b, t, e, k = 2, 13, 4, 2
+    w, idx, plan = plan_for(jax.random.normal(jax.random.PRNGKey(0), (b, t, e)), k, 4, True)
+    x = jnp.ones((b, t, 3, 2))
+    o = jnp.ones((b, plan.length, 3, 2))
+    proj = jnp.ones((b, t * e, 3))
+    lr = plan.routed_length
+    seg = jnp.repeat(plan.layout.chunk_segment[:, :lr // 4], 4, axis=1)
+    src = jnp.where(plan.slot_token[:, :lr] >= 0, plan.slot_token[:, :lr] * e + seg, -1)
+    cases = [
+        (lambda x, plan: routing.dispatch(x, plan), (x, plan)),
+        (lambda o, w, plan: routing.combine(o, w, plan), (o, w, plan)),
+        (lambda p, s, i: routing.gather_rows(p, s, i),
+         (proj, src, routing.memory_slots(idx, plan.positions, e).reshape(b, t * e, 1))),
+    ]
+    for fn, args in cases:
+        assert "scatter" not in _backward_hlo(fn, *args)
+    # the check can fail: the plain gathers' backwards are scatter-adds
+    assert "scatter" in _backward_hlo(lambda x, plan: ref_dispatch(x, plan), x, plan)
+    assert "scatter" in _backward_hlo(lambda o, w, plan: ref_combine(o, w, plan), o, w, plan)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(single_kv_proj=True, shared_memory=False),
+                                dict(num_memories=3, topk=3), dict(num_memories=3, topk=1)])
+def test_layer_grads_match_plain_gathers(kw, monkeypatch):
+    """The MoM layer's output and parameter gradients with the gather VJPs (dispatch, combine and
+    _routed_raw's dense or single_kv_proj path) vs. the same layer with the plain gathers."""
+    from mom_jax.layers import MoMLayer
+    from tests.test_mom_layer import B, D, T, make_layer, randomize
+    kw = dict(kw)
+    shared = kw.pop("shared_memory", True)
+    layer = randomize(make_layer("gated_delta", shared, **kw), seed=11)
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.PRNGKey(12), (B, T, D))
+    r = jax.random.normal(jax.random.PRNGKey(13), (B, T, D))
+
+    def value_and_grad():
+        def loss(state):
+            y, _ = nnx.merge(graphdef, state)(x)
+            return jnp.sum(y * r), y
+        return jax.jit(jax.grad(loss, has_aux=True))(state)
+
+    g, y = value_and_grad()
+    monkeypatch.setattr(routing, "dispatch", ref_dispatch)
+    monkeypatch.setattr(routing, "combine", ref_combine)
+    monkeypatch.setattr(MoMLayer, "_routed_raw", ref_routed_raw)
+    g_ref, y_ref = value_and_grad()
+    np.testing.assert_array_equal(y, y_ref)
+    flat, flat_ref = jax.tree.leaves_with_path(g), dict(jax.tree.leaves_with_path(g_ref))
+    assert len(flat) == len(flat_ref)
+    for path, gl in flat:
+        gr = flat_ref[path]
+        assert float(jnp.linalg.norm(gr)) > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(gl, gr, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(gr))),
+                                   err_msg=jax.tree_util.keystr(path))

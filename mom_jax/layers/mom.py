@@ -110,14 +110,18 @@ class MoMLayer(RecurrentMixer):
         b, t, d = x.shape
         k, e, lr = self.topk, self.num_memories, plan.routed_length
         if self.single_kv_proj:
-            proj = x @ w_mem[0]
-            out = jnp.take_along_axis(proj, jnp.maximum(plan.slot_token[:, :lr], 0)[..., None], 1)
+            # A dispatch restricted to the routed slots (their inverse map is plan.positions).
+            return routing.gather_rows(x @ w_mem[0], plan.slot_token[:, :lr], plan.positions)
         elif self.routed_projection == "dense":
+            # Slot l reads row tok(l) * E + seg(l) of proj; row t * E + m is read by the slot of
+            # (t, m) if t is routed to m, else by none (memory_slots is that inverse map).
             proj = jnp.einsum("btd,edn->bten", x, w_mem).reshape(b, t * e, -1)
             seg = jnp.repeat(plan.layout.chunk_segment[:, :lr // self.chunk_size], self.chunk_size,
                              axis=1)
-            src = jnp.maximum(plan.slot_token[:, :lr], 0) * e + jnp.maximum(seg, 0)
-            out = jnp.take_along_axis(proj, src[..., None], axis=1)
+            tok = plan.slot_token[:, :lr]
+            src = jnp.where(tok >= 0, tok * e + jnp.maximum(seg, 0), -1)
+            inv = routing.memory_slots(idx, plan.positions, e).reshape(b, t * e, 1)
+            return routing.gather_rows(proj, src, inv)
         else:
             # Sort routed tokens by (memory, row, time) -> one grouped matmul with E groups.
             counts = plan.counts                                            # [B, E]
