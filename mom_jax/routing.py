@@ -171,10 +171,11 @@ def _gather_rows_bwd(inv, dout):
     b, s, m = inv.shape
     extra = dout.shape[2:]
     picked = jnp.take_along_axis(dout, _gather_index(inv.reshape(b, s * m), dout.ndim), axis=1)
-    picked = picked.reshape((b, s, m) + extra).astype(jnp.float32)
-    used = (inv >= 0).reshape((b, s, m) + (1,) * len(extra))
-    dx = jnp.sum(jnp.where(used, picked, 0.0), axis=2)
-    return dx.astype(dout.dtype), None, None
+    used = (inv >= 0).reshape((b, s * m) + (1,) * len(extra))
+    if m == 1:      # at most one reader per source row: a masked gather, no sum
+        return jnp.where(used, picked, 0).astype(dout.dtype), None, None
+    picked = jnp.where(used, picked.astype(jnp.float32), 0.0).reshape((b, s, m) + extra)
+    return jnp.sum(picked, axis=2).astype(dout.dtype), None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)

@@ -111,9 +111,12 @@ class RecurrentMixer(nnx.Module):
         """
         kd, h = self.key_dim, self.num_heads
         lead = qkv.shape[:-1]
-        q = qkv[..., :kd].reshape(lead + (h, self.head_dim))
-        k = qkv[..., kd:2 * kd].reshape(lead + (h, self.head_dim))
-        v = qkv[..., 2 * kd:].reshape(lead + (h, self.head_v_dim))
+        # One split: its VJP is one concatenation, where three slices' VJPs are three
+        # stream-sized pads added together (benchmarks/NOTES.md, session 5).
+        q, k, v = jnp.split(qkv, [kd, 2 * kd], axis=-1)
+        q = q.reshape(lead + (h, self.head_dim))
+        k = k.reshape(lead + (h, self.head_dim))
+        v = v.reshape(lead + (h, self.head_v_dim))
         if not qk_in_op:
             q = oc.l2norm(q) * self.q_scale
             k = oc.l2norm(k)

@@ -55,11 +55,11 @@ class SingleMemoryLayer(RecurrentMixer):
         w = jnp.concatenate([self.q_proj[...].astype(dtype), self._concat_weights("{}_proj", dtype)], -1)
         raw = oc.pad_time(xc @ w, length)                                  # [B, L, Kd + N]
         nqkv = self.conv_width
-        qkv_raw = raw[..., :nqkv]
+        qkv_raw, extra = jnp.split(raw, [nqkv], axis=-1)    # one split: its VJP is a concat
         rank = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         valid = rank < t
         qkv = self._activate_stream(qkv_raw, rank)
-        q, k, v, g, beta = self._split_features(qkv, raw[..., nqkv:], valid, qk_in_op=True)
+        q, k, v, g, beta = self._split_features(qkv, extra, valid, qk_in_op=True)
         o, final = self._recurrence(q, k, v, g, beta, layout, None, output_final_state)
         out = self.head(o[:, :t], xc)
         if not output_final_state:

@@ -153,9 +153,10 @@ class MoMLayer(RecurrentMixer):
             kvba = jnp.concatenate(
                 [kvba, oc.pad_time(shared, plan.length - plan.routed_length)], axis=1)
         nkv = self.key_dim + self.value_dim
-        qkv_raw = jnp.concatenate([q_raw, kvba[..., :nkv]], axis=-1)
+        kv_raw, extra = jnp.split(kvba, [nkv], axis=-1)    # one split: its VJP is a concat
+        qkv_raw = jnp.concatenate([q_raw, kv_raw], axis=-1)
         qkv = self._activate_stream(qkv_raw, plan.slot_rank)
-        q, k, v, g, beta = self._split_features(qkv, kvba[..., nkv:], plan.valid, qk_in_op=True)
+        q, k, v, g, beta = self._split_features(qkv, extra, plan.valid, qk_in_op=True)
         o, final = self._recurrence(q, k, v, g, beta, plan.layout, None, output_final_state)
         y = routing.combine(o, weights, plan)                                    # [B, T, H, dv]
         out = self.head(y, xc)
