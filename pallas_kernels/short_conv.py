@@ -6,10 +6,10 @@ Computes what ``mom_jax.layers.common.short_conv_packed`` computes,
     out[b, t, c] = SiLU(acc[b, t, c])            (acc itself with activation=False)
 
 (``rank`` = index of slot t inside its segment, so the taps restart at every segment start), in the
-stream's own [B, L, C] layout.  Written in XLA, the per-channel weight gradient (a reduction over
-B and L) makes XLA lay the whole conv out channel-major, and the layer then pays for transposes of
-the projections into and the features out of that layout, forward and backward (1.3 ms of a GDN
-layer's 5.5 ms and 1.7 ms of a MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
+stream's own [B, L, C] layout.  Written in XLA (``short_conv_packed``'s shifted adds) the conv
+was laid out channel-major inside the layers, and the layer paid for transposes of the projections
+into and the features out of that layout, forward and backward (1.3 ms of a GDN layer's 5.5 ms and
+1.7 ms of a MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
 
 Kernels (grid over row x time block x channel block; every load a [block_l, block_c] tile):
   forward:  W shifted loads of x, one store of SiLU(acc) in x's dtype;
@@ -52,20 +52,6 @@ class ConvConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"ConvConfig.{name} must be a power of two, got {v!r}")
-
-
-_DEFAULT = [ConvConfig()]
-
-
-def set_default_config(config: ConvConfig) -> None:
-    """Sets the tiling used by ``short_conv`` calls that pass no config (benchmarks sweep it)."""
-    if not isinstance(config, ConvConfig):
-        raise TypeError(f"expected a ConvConfig, got {type(config).__name__}")
-    _DEFAULT[0] = config
-
-
-def get_default_config() -> ConvConfig:
-    return _DEFAULT[0]
 
 
 def _silu_and_grad(acc):
@@ -206,7 +192,7 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
       weight: [W, C] float (weight[W-1] multiplies the current token).
       rank: int [B, L], index of each slot inside its segment (taps reaching before it read zero).
       activation: apply SiLU (else the plain conv).
-      config: tiling (default ``get_default_config()``).
+      config: tiling (default ``ConvConfig()``, the best of the H100 sweep in NOTES_kernels.md).
     Returns:
       [B, L, C] in x's dtype (accumulated in float32), differentiable in x and weight (dx in x's
       dtype, dweight in weight's dtype).  GPU (Triton); interpret mode on CPU.
@@ -217,8 +203,8 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
     if rank.shape != x.shape[:2]:
         raise ValueError(f"short_conv: rank must be [B, L] = {list(x.shape[:2])}, got "
                          f"{list(rank.shape)}")
-    config = config or get_default_config()
-    (_, l, c), dtype = x.shape, weight.dtype
+    config = config or ConvConfig()
+    _, l, c = x.shape
     pad_l, pad_c = -l % config.block_l, -c % config.block_c
     if pad_l or pad_c:   # ragged edges: zero rows after the stream (never read by earlier rows)
         x = jnp.pad(x, ((0, 0), (0, pad_l), (0, pad_c)))
