@@ -67,6 +67,25 @@ _PALLAS_CONV: dict[str, Callable] = {}
 AUTO_CONV_PREFERS_PALLAS = True
 
 
+def _triton_kernel_impl(impl: str, available: Callable[[], bool], auto_prefers: bool) -> str:
+    """The choice rule of the Triton-only kernels (decode step, short conv): "pallas" or "xla".
+
+    "xla" and "scan" -> "xla"; otherwise "xla" unless ``available()`` (asked after the kernels are
+    loaded); then "auto" -> "pallas" on GPU when ``auto_prefers``, and "pallas" -> "pallas" on GPU
+    and CPU (interpret mode), "xla" on TPU (no Mosaic version).
+    """
+    common.check_impl(impl)
+    if impl not in ("pallas", "auto"):
+        return "xla"
+    _load_pallas_kernels()
+    if not available():
+        return "xla"
+    backend = jax.default_backend()
+    if impl == "auto":
+        return "pallas" if auto_prefers and backend in ("gpu", "cuda") else "xla"
+    return "pallas" if backend in ("gpu", "cuda", "cpu") else "xla"
+
+
 def register_pallas_conv_kernel(fn: Callable) -> None:
     """Lets ``pallas_kernels`` plug in the short-conv kernel (see ``resolve_conv_impl``)."""
     _PALLAS_CONV["fn"] = fn
@@ -79,16 +98,7 @@ def resolve_conv_impl(impl: str) -> str:
     "auto" picks the kernel on GPU; "pallas" picks it on GPU and CPU and falls back to XLA on TPU
     (no Mosaic conv kernel); "xla" and "scan" use XLA.
     """
-    common.check_impl(impl)
-    if impl not in ("pallas", "auto"):
-        return "xla"
-    _load_pallas_kernels()
-    if "fn" not in _PALLAS_CONV:
-        return "xla"
-    backend = jax.default_backend()
-    if impl == "auto":
-        return "pallas" if AUTO_CONV_PREFERS_PALLAS and backend in ("gpu", "cuda") else "xla"
-    return "pallas" if backend in ("gpu", "cuda", "cpu") else "xla"
+    return _triton_kernel_impl(impl, lambda: "fn" in _PALLAS_CONV, AUTO_CONV_PREFERS_PALLAS)
 
 
 def short_conv_kernel() -> Callable:
@@ -156,16 +166,9 @@ def resolve_step_impl(impl: str, dk: int, dv: int) -> str:
     runs (GPU, or interpret mode on CPU) and falls back to XLA on TPU (no Mosaic step kernel yet)
     or for unsupported head dims; "xla" and "scan" use XLA.
     """
-    common.check_impl(impl)
-    if impl not in ("pallas", "auto"):
-        return "xla"
-    _load_pallas_kernels()
-    if not _PALLAS_STEP or not _PALLAS_STEP["supported"](dk, dv):
-        return "xla"
-    backend = jax.default_backend()
-    if impl == "auto":
-        return "pallas" if AUTO_STEP_PREFERS_PALLAS and backend in ("gpu", "cuda") else "xla"
-    return "pallas" if backend in ("gpu", "cuda", "cpu") else "xla"
+    return _triton_kernel_impl(
+        impl, lambda: bool(_PALLAS_STEP) and _PALLAS_STEP["supported"](dk, dv),
+        AUTO_STEP_PREFERS_PALLAS)
 
 
 def decode_step(state, q, k, v, *, slots=None, g=None, gk=None, beta=None, shared_state=None,
