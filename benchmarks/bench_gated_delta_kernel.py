@@ -82,7 +82,8 @@ def make_fns(impl, r):
 def breakdown(shape, config, repeats):
     """Times every Pallas kernel alone (inputs prepared as the API does; one segment per row):
     forward UT transform (T, W, U; ``config.ut_kernel``; also without T, as the inference forward
-    runs it: ut_transform_no_t, not part of the sums), state walk (h, v_new), outputs; backward
+    runs it: ut_transform_no_t, and for "split" each of its three launches: ut_gram, ut_inverse,
+    ut_apply; these are not part of the sums), state walk (h, v_new), outputs; backward
     P^T dO, dS walk, dq/dk/dW, WY part."""
     from mom_jax.ops.common import rows_layout  # noqa: PLC0415
     from pallas_kernels.gated_delta import common as cm  # noqa: PLC0415
@@ -96,7 +97,6 @@ def breakdown(shape, config, repeats):
     qp, kp, vp, beta_t, gcum_t, _, _ = gd_api._prepare(q, k, v, g, beta, None, chunk)
     interp = gd_api._interpret()
     op = triton_common.operand_dtype(config.precision, interp)
-    k_ut = kp
     qp, kp, vp = (x.astype(op) for x in (qp, kp, vp))
     do = r.astype(op)
     lo, hi, seg, first = cm.segment_ranges(layout)
@@ -117,9 +117,19 @@ def breakdown(shape, config, repeats):
     ut = dict(ut_precision=config.ut_precision, num_warps=config.ut_warps(), block_k=bk,
               block_v=pbv, kernel=config.ut_kernel, wu_num_warps=config.par_num_warps, **prec)
     tm, w, u = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
-        kk, vv, bb, gg, chunk, **ut), k_ut, vp, beta_t, gcum_t)
+        kk, vv, bb, gg, chunk, **ut), kp, vp, beta_t, gcum_t)
     timed("ut_transform_no_t", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
-        kk, vv, bb, gg, chunk, with_t=False, **ut), k_ut, vp, beta_t, gcum_t)
+        kk, vv, bb, gg, chunk, with_t=False, **ut), kp, vp, beta_t, gcum_t)
+    if config.ut_kernel == "split":  # its three launches alone (not part of the sums)
+        a = timed("ut_gram", lambda kk, bb, gg: triton_fwd.ut_gram(
+            kk, bb, gg, chunk, num_warps=config.par_num_warps, ut_precision=config.ut_precision,
+            block_k=bk, interpret=interp), kp, beta_t, gcum_t)
+        timed("ut_inverse", lambda aa: triton_fwd.ut_inverse(
+            aa, chunk, t_dtype=op, num_warps=config.ut_warps(),
+            ut_precision=config.ut_precision, interpret=interp), a)
+        timed("ut_apply", lambda kk, vv, bb, gg, tt: triton_fwd.ut_apply(
+            kk, vv, bb, gg, tt, chunk, u_dtype=op, num_warps=config.par_num_warps,
+            block_k=bk, block_v=pbv, **prec), kp, vp, beta_t, gcum_t, tm)
     hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg: triton_fwd.state_walk(
         kk, ww, uu, gg, None, lo, hi, seg, first, chunk=chunk, num_segments=1, block_v=bv,
         num_warps=config.num_warps, num_stages=config.num_stages, block_k=bk, **prec),

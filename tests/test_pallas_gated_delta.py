@@ -506,9 +506,9 @@ def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
             *_abstract_args()).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # UT transform, forward state walk, outputs; backward: P^T dO, state walk, dq/dk/dW, WY
-    split = ut_kernel == "split"   # two UT launches: gdn_ut_inverse, gdn_ut_apply
-    assert text.count("__gpu$xla.gpu.triton") == (8 if split else 7)
-    assert ("gdn_ut_inverse" in text and "gdn_ut_apply" in text) == split
+    split = ut_kernel == "split"   # three UT launches: gdn_ut_gram, gdn_ut_inverse, gdn_ut_apply
+    assert text.count("__gpu$xla.gpu.triton") == (9 if split else 7)
+    assert all(name in text for name in ("gdn_ut_gram", "gdn_ut_inverse", "gdn_ut_apply")) == split
     assert ("gdn_ut_transform" in text) != split
 
 

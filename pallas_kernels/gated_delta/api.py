@@ -55,17 +55,18 @@ class Config:
     precision: dot precision on GPU for everything but the UT transform's A and inverse: "bf16"
       (operands rounded to bfloat16, float32 accumulation and states; like
       flash-linear-attention, and the fastest: see benchmarks/NOTES_kernels.md), "tf32", "tf32x3"
-      or "ieee".  With "bf16", intermediates that are only dot operands (W, chunk-start states,
-      v_new and their cotangents) are stored in bfloat16.  On TPU: bf16 -> DEFAULT,
+      or "ieee".  With "bf16", intermediates that are only dot operands (T, W, chunk-start
+      states, v_new and their cotangents) and U are stored in bfloat16.  On TPU: bf16 -> DEFAULT,
       tf32 -> HIGH, else HIGHEST.
-    ut_precision: dots of the UT transform (A = KK^T, the inverse): "tf32x3" or "ieee".
-      Interpret mode is always float32.
-    ut_kernel: the Triton UT transform (T = (I + A)^-1, W, U per chunk): "split" (two launches:
-      T alone on 16 x 16 blocks, one warp per chunk-head, the diagonal blocks' forward
-      substitutions interleaved, off-diagonal blocks by block substitution; then W and U from the
-      stored T with par_num_warps warps) or "masked" (one launch on whole C x C tiles, 15 masked
-      full-tile substitution steps, then merges).  Same results up to rounding; timings in
-      benchmarks/NOTES_kernels.md (run 6).
+    ut_precision: dots of the UT transform's inverse, and of A = K K^T where K is stored in
+      float32 (precision other than "bf16"; with bf16 K the products are exact anyway):
+      "tf32x3" or "ieee".  Interpret mode is always float32.
+    ut_kernel: the Triton UT transform (T = (I + A)^-1, W, U per chunk): "split" (three launches:
+      A from whole-chunk dots with par_num_warps warps; T alone on 16 x 16 blocks, one warp per
+      chunk-head, the diagonal blocks' forward substitutions interleaved, off-diagonal blocks by
+      block substitution; then W and U from the stored T with par_num_warps warps) or "masked"
+      (one launch on whole C x C tiles, 15 masked full-tile substitution steps, then merges).
+      Same results up to rounding; timings in benchmarks/NOTES_kernels.md (runs 6, 7).
     ut_num_warps: warps of a UT transform program (None: 1 for the inverse kernel of "split",
       whose tiles are all 16 rows high and would only be replicated across more warps;
       par_num_warps for "masked").
@@ -227,9 +228,9 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
         return o, final, (tuple(h) if store else None), rstd
     qp, kp, vp, beta_t, gcum_t, initp, rstd = _prepare(q, k, v, g, beta, init, chunk,
                                                        qk_norm=qk_norm, scale=scale)
-    k_ut = kp  # the UT transform forms A = K K^T from K as given (tf32x3 / fp32 dots)
-    # Everything else uses q, k, v only as dot operands (plus elementwise terms of dg/dbeta):
-    # with bf16 dots, store them rounded once instead of loading fp32 tiles in every program.
+    # The kernels use q, k, v only as dot operands (plus elementwise terms of dg/dbeta): with bf16
+    # dots, store them rounded once instead of loading fp32 tiles in every program.  A = K K^T
+    # (UT transform) takes the same bf16 K: its products are exact in the float32 accumulator.
     op_dtype = triton_common.operand_dtype(config.precision, interpret)
     qp, kp, vp = (x.astype(op_dtype) if x.dtype != op_dtype else x for x in (qp, kp, vp))
     dkp, dvp = qp.shape[-1], vp.shape[-1]
@@ -238,7 +239,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     block_k = min(dkp, config.block_k)
     lo, hi, seg, first = cm.segment_ranges(layout)
     store = for_bwd and config.bwd == "pallas"
-    t, w, u = triton_fwd.ut_transform(k_ut, vp, beta_t, gcum_t, chunk, interpret=interpret,
+    t, w, u = triton_fwd.ut_transform(kp, vp, beta_t, gcum_t, chunk, interpret=interpret,
                                       num_warps=config.ut_warps(),
                                       ut_precision=config.ut_precision,
                                       precision=config.precision, with_t=store,

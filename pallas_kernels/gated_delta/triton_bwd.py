@@ -362,7 +362,7 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
 
 def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision, interpret,
            num_warps, block_k, block_v):
-    """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C] float32;
+    """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C];
     dw [B, L, H, dk]; du [B, L, H, dv]; dk_direct [B, L, H, dk] float32 (its buffer is reused for
     dk); seg [B, Nc].  Returns (dk [B, L, H, dk], dv [B, L, H, dv], dbeta [B, H, L], dG share
     [B, H, L]), all float32 and zero on chunks of no segment."""

@@ -1,10 +1,11 @@
 """Forward kernels of the chunked gated delta rule in Pallas with Triton lowering (GPU).
 
-Three launches (notation of ``common``; Kb = diag(b e^G) K, Vb = diag(b) V):
+Three stages (notation of ``common``; Kb = diag(b e^G) K, Vb = diag(b) V):
   1. ``ut_transform`` (chunk-parallel, grid (B, Nc, H)): T = (I + A)^-1, W = T Kb, U = T Vb, by
-     "split" (the default; two launches: ``_ut_inverse_kernel``, T alone on 16 x 16 blocks in one
-     warp, then ``_wu_kernel``, W and U from the stored T) or "masked" (``_ut_kernel``, one launch
-     on whole C x C tiles).
+     "split" (the default; three launches as flash-linear-attention splits its own: ``ut_gram``,
+     A from whole-chunk dots on all warps; ``ut_inverse``, T alone on 16 x 16 blocks in one warp;
+     ``ut_apply``, W and U from the stored T) or "masked" (``_ut_kernel``, one launch on whole
+     C x C tiles).
   2. ``state_walk`` (grid (B*S, H, dv/BV)): each program walks the chunks of its segment in order
      with the [dk, BV] float32 state S (held as dk/BK tiles) in registers, applying the segment's
      initial state (or zero) at the chunk that starts a run and writing the segment's final state at
@@ -35,8 +36,8 @@ resolve_precision = tc.resolve_precision  # kept importable from here
 # Kernel 1: T = (I + A)^-1, W = T Kb, U = T Vb per chunk
 # ------------------------------------------------------------------------------------------------
 
-def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, precision, block_k,
-               block_v):
+def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, gram_precision, ut_precision,
+               precision, block_k, block_v):
     """The "masked" UT kernel: A = strict(K K^T * gating) as one [C, C] tile, T = ``cm.ut_inverse``
     (15 masked full-tile substitution steps, then merges), W = T Kb and U = T Vb as [C, C] x
     [C, block] dots.  Refs: k [C, dk], v [C, dv], beta, g [C]; outputs ([T [C, C]], W, U)."""
@@ -46,17 +47,17 @@ def _ut_kernel(k_ref, v_ref, beta_ref, g_ref, *out_refs, with_t, ut_precision, p
     beta = beta_ref[...].astype(F32)
     gates = tc.Gates.load(g_ref, rows, c - 1)
     kk = tc.fori_blocks(dk, block_k, lambda col, kk: kk + cm.mm(k_ref[:, col], k_ref[:, col],
-                                                                 ut_precision, tb=True),
+                                                                 gram_precision, tb=True),
                         jnp.zeros((c, c), F32))
     t = cm.ut_inverse(cm.strict_a_from_kk(kk, beta, gates.gcum), ut_precision)
     if t_ref is not None:
-        t_ref[...] = t
+        t_ref[...] = t.astype(t_ref.dtype)
     _apply_t(t, k_ref, v_ref, beta, gates.eg, w_ref, u_ref, precision, block_k, block_v)
 
 
 def _apply_t(t, k_ref, v_ref, beta, eg, w_ref, u_ref, precision, block_k, block_v):
     """W = T diag(b e^G) K and U = T diag(b) V as [C, C] x [C, block] dots, stored block by block.
-    t: [C, C] float32; beta, eg: [C] float32."""
+    t: [C, C]; beta, eg: [C] float32."""
     beg = (beta * eg)[:, None]
 
     def key_block(col, carry):
@@ -71,47 +72,45 @@ def _apply_t(t, k_ref, v_ref, beta, eg, w_ref, u_ref, precision, block_k, block_
     tc.fori_blocks(v_ref.shape[1], block_v, value_block, 0)
 
 
-def _ut_inverse_kernel(k_ref, beta_ref, g_ref, t_ref, *, ut_precision, gram_block_k):
-    """First kernel of the "split" UT transform: T = (I + A)^-1 only, on s x s blocks (s = 16,
-    n = C/s row blocks read straight from the refs), all row blocks together:
-      1. the n(n+1)/2 Gram blocks K_i K_j^T (j <= i) in one loop over dk;
-      2. the n diagonal inverses T_ii by forward substitution in ONE loop of s - 1 steps
-         (``cm.diag_block_inverses`` on the list: n independent chains per step; run 5's
-         one-launch "blocked" kernel ran them one after the other, see NOTES_kernels.md);
-      3. T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``), row block by row block.
-    Writes T [C, C] float32 (zero above the diagonal).  Refs: k [C, dk], beta, g [C]."""
+def _gram_kernel(k_ref, beta_ref, g_ref, a_ref, *, precision, block_k):
+    """First kernel of the "split" UT transform: A = strict(b_i e^{G_i - G_j} K K^T) [C, C] float32
+    as whole-chunk [C, C] dots over key blocks (M = C rows: the work splits over the warps).
+    Refs: k [C, dk], beta, g [C]; output a [C, C]."""
     c, dk = k_ref.shape
+    rows = pl.ds(0, c)
+    kk = tc.fori_blocks(dk, block_k, lambda col, kk: kk + cm.mm(k_ref[:, col], k_ref[:, col],
+                                                                 precision, tb=True),
+                        jnp.zeros((c, c), F32))
+    a_ref[...] = cm.strict_a_from_kk(kk, beta_ref[rows].astype(F32), g_ref[rows])
+
+
+def _ut_inverse_kernel(a_ref, t_ref, *, ut_precision):
+    """Second kernel of the "split" UT transform: T = (I + A)^-1 from the stored A, on s x s blocks
+    (s = 16, n = C/s row blocks read straight from the ref), all row blocks together:
+      1. the n diagonal inverses T_ii by forward substitution in ONE loop of s - 1 steps
+         (``cm.diag_block_inverses`` on the list: n independent chains per step);
+      2. T_ij = -T_ii sum_m A_im T_mj (``cm.block_row_of_inverse``), row block by row block, each
+         row's A blocks loaded where they are used.
+    Only [s, s] tiles: one warp does it (more warps would replicate the M = 16 dots).
+    Refs: a [C, C] float32 (strictly lower); output t [C, C] (zero above the diagonal)."""
+    c = a_ref.shape[0]
     s = min(cm.SUB_BLOCK, c)
     n = c // s
     rows = [pl.ds(i * s, s) for i in range(n)]
-    upper = cm.iota2(s, s, 1) > cm.iota2(s, s, 0)
     zeros = jnp.zeros((s, s), F32)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1)]
-
-    def gram_block(col, accs):
-        ks = [k_ref[rows[i], col] for i in range(n)]
-        return tuple(acc + cm.mm(ks[i], ks[j], ut_precision, tb=True)
-                     for (i, j), acc in zip(pairs, accs))
-
-    kk = dict(zip(pairs, tc.fori_blocks(dk, gram_block_k, gram_block, (zeros,) * len(pairs))))
-    betas = [beta_ref[rows[i]].astype(F32) for i in range(n)]
-    gs = [g_ref[rows[i]] for i in range(n)]
-    a_ts = [jnp.where(upper, betas[i][None, :] * kk[(i, i)] *          # A_ii^T, strictly upper
-                      jnp.exp(jnp.where(upper, gs[i][None, :] - gs[i][:, None], 0.0)), 0.0)
-            for i in range(n)]
-    t = {(i, i): x for i, x in enumerate(cm.diag_block_inverses(a_ts))}
+    t = {(i, i): x for i, x in enumerate(
+        cm.diag_block_inverses([a_ref[rows[i], rows[i]].T for i in range(n)]))}
     for i in range(n):
-        a_row = [betas[i][:, None] * jnp.exp(gs[i][:, None] - gs[j][None, :]) * kk[(i, j)]
-                 for j in range(i)]
+        a_row = [a_ref[rows[i], rows[j]] for j in range(i)]
         t.update({(i, j): x for j, x in enumerate(
             cm.block_row_of_inverse(a_row, t, i, ut_precision))})
         for j in range(n):
-            t_ref[rows[i], pl.ds(j * s, s)] = t[(i, j)] if j <= i else zeros
+            t_ref[rows[i], rows[j]] = (t[(i, j)] if j <= i else zeros).astype(t_ref.dtype)
 
 
 def _wu_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, w_ref, u_ref, *, precision, block_k,
                block_v):
-    """Second kernel of the "split" UT transform: W = T Kb, U = T Vb from the stored T, as
+    """Third kernel of the "split" UT transform: W = T Kb, U = T Vb from the stored T, as
     [C, C] x [C, block] dots (M = C rows: the work splits over the program's warps).
     Refs: k [C, dk], v [C, dv], beta, g [C], t [C, C]; outputs w [C, dk], u [C, dv]."""
     rows = pl.ds(0, k_ref.shape[0])
@@ -119,62 +118,121 @@ def _wu_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, w_ref, u_ref, *, precision,
              u_ref, precision, block_k, block_v)
 
 
-UT_KERNELS = {"masked": _ut_kernel, "split": (_ut_inverse_kernel, _wu_kernel)}  # split: 2 launches
+UT_KERNELS = {"masked": _ut_kernel,                                     # one launch
+              "split": (_gram_kernel, _ut_inverse_kernel, _wu_kernel)}  # three launches
+
+
+def _ut_specs(chunk: int):
+    """Block specs of the UT kernels, grid (B, Nc, H): a chunk of a [B, L, H, d] sequence, of a
+    [B, H, L] gate, of a [B, H, L, C] per-chunk matrix (A or T)."""
+    tok = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))  # noqa: E731
+    gate = pl.BlockSpec((None, None, chunk), lambda i, c, j: (i, j, c))
+    tmat = pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0))
+    return tok, gate, tmat
+
+
+def _gram_precision(k, ut_precision: str, interpret: bool):
+    """Dots of A = K K^T: bfloat16 operands when K is stored in bfloat16 (then bf16 x bf16 products
+    are exact in the float32 accumulator: tf32x3 would give the same A, three times slower), else
+    ``ut_precision``."""
+    return resolve_precision("bf16" if k.dtype == jnp.bfloat16 else ut_precision, interpret)
+
+
+def ut_gram(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
+            ut_precision: str = "tf32x3", block_k: int = 64):
+    """A per chunk: k [B, L, H, dk]; beta_t, gcum_t [B, H, L] float32 -> a [B, H, L, C] float32,
+    A_ij = b_i e^{G_i - G_j} k_i.k_j for j < i (rows of chunk c at [.., cC:(c+1)C, :]), else 0."""
+    b, l, h, dk = k.shape
+    tok, gate, tmat = _ut_specs(chunk)
+    return pl.pallas_call(
+        functools.partial(_gram_kernel, precision=_gram_precision(k, ut_precision, interpret),
+                          block_k=min(block_k, dk)),
+        out_shape=jax.ShapeDtypeStruct((b, h, l, chunk), F32), grid=(b, l // chunk, h),
+        in_specs=[tok(dk), gate, gate], out_specs=tmat,
+        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        name="gdn_ut_gram")(k, beta_t, gcum_t)
+
+
+def ut_inverse(a, chunk: int, *, t_dtype=F32, interpret: bool = False, num_warps: int = 1,
+               ut_precision: str = "tf32x3"):
+    """T = (I + A)^-1 per chunk: a [B, H, L, C] float32 (``ut_gram``) -> t [B, H, L, C] in t_dtype
+    (zero above each chunk's diagonal)."""
+    b, h, l, _ = a.shape
+    _, _, tmat = _ut_specs(chunk)
+    return pl.pallas_call(
+        functools.partial(_ut_inverse_kernel,
+                          ut_precision=resolve_precision(ut_precision, interpret)),
+        out_shape=jax.ShapeDtypeStruct(a.shape, t_dtype), grid=(b, l // chunk, h),
+        in_specs=[tmat], out_specs=tmat,
+        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        name="gdn_ut_inverse")(a)
+
+
+def ut_apply(k, v, beta_t, gcum_t, t, chunk: int, *, u_dtype=F32, interpret: bool = False,
+             num_warps: int = 4, precision: str = "bf16", block_k: int = 64, block_v: int = 64):
+    """W = T Kb, U = T Vb per chunk: k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L];
+    t [B, H, L, C] -> (W [B, L, H, dk] in ``tc.operand_dtype(precision)``, U [B, L, H, dv] in
+    u_dtype)."""
+    b, l, h, dk = k.shape
+    dv = v.shape[-1]
+    tok, gate, tmat = _ut_specs(chunk)
+    return pl.pallas_call(
+        functools.partial(_wu_kernel, precision=resolve_precision(precision, interpret),
+                          block_k=min(block_k, dk), block_v=min(block_v, dv)),
+        out_shape=(jax.ShapeDtypeStruct((b, l, h, dk), tc.operand_dtype(precision, interpret)),
+                   jax.ShapeDtypeStruct((b, l, h, dv), u_dtype)),
+        grid=(b, l // chunk, h), in_specs=[tok(dk), tok(dv), gate, gate, tmat],
+        out_specs=(tok(dk), tok(dv)),
+        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        name="gdn_ut_apply")(k, v, beta_t, gcum_t, t)
 
 
 def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
                  ut_precision: str = "tf32x3", precision: str = "bf16", with_t: bool = True,
                  block_k: int = 64, block_v: int = 64, kernel: str = "split",
-                 gram_block_k: int = 16, wu_num_warps: int = 4):
+                 wu_num_warps: int = 4):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L] float32 ->
-    (T [B, H, L, C] float32 or None, W [B, L, H, dk], U [B, L, H, dv] float32).
+    (T [B, H, L, C] or None, W [B, L, H, dk], U [B, L, H, dv]).
 
-    W is stored in ``tc.operand_dtype(precision)`` (it is only a dot operand later).
-    ut_precision: dots of A = K K^T and of the inverse, "tf32x3" (three tf32 tensor-core passes,
-    ~fp32 accuracy) or "ieee" (FMA dots; these spill heavily at dk >= 128, see NOTES_kernels.md).
-    precision: dots W = T Kb and U = T Vb.
-    kernel: "split" (two launches: ``_ut_inverse_kernel`` writes T with ``num_warps`` warps,
-    ``_wu_kernel`` reads it back for W and U with ``wu_num_warps``) or "masked" (``_ut_kernel``:
-    whole C x C tiles, ``cm.ut_inverse``, ``num_warps``); same outputs up to rounding.
-    gram_block_k: (split) key columns per step of the K_i K_j^T loop."""
+    T, W and U are stored in ``tc.operand_dtype(precision)`` (bfloat16 with bf16 dots).  T and W
+    are only ever bf16 dot operands then; U enters v_new = U - W S elementwise, and v_new is
+    itself stored in bfloat16 and rounded to it as a dot operand, so rounding U adds an error of
+    the same size (flash-linear-attention stores its u in the input dtype too).
+    A = K K^T takes K as given: with bfloat16 K its products are exact (``_gram_precision``).
+    ut_precision: dots of the inverse (and of A for float32 K), "tf32x3" (three tf32 tensor-core
+    passes, ~fp32 accuracy) or "ieee" (FMA dots; these spill heavily at dk >= 128, see
+    NOTES_kernels.md).  precision: dots W = T Kb and U = T Vb.
+    kernel: "split" (three launches: ``ut_gram`` A with ``wu_num_warps`` warps, ``ut_inverse`` T
+    with ``num_warps``, ``ut_apply`` W and U with ``wu_num_warps``) or "masked" (``_ut_kernel``:
+    whole C x C tiles, ``cm.ut_inverse``, ``num_warps``); same outputs up to rounding."""
     if kernel not in UT_KERNELS:
         raise ValueError(f"unknown UT kernel {kernel!r}; one of {sorted(UT_KERNELS)}")
     b, l, h, dk = k.shape
     dv = v.shape[-1]
-    nc = l // chunk
-    tok = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, c, j: (i, c, j, 0))  # noqa: E731
-    gate = pl.BlockSpec((None, None, chunk), lambda i, c, j: (i, j, c))
-    tmat = pl.BlockSpec((None, None, chunk, chunk), lambda i, c, j: (i, j, c, 0))
-    t_shape = jax.ShapeDtypeStruct((b, h, l, chunk), F32)
-    wu_shapes = [jax.ShapeDtypeStruct((b, l, h, dk), tc.operand_dtype(precision, interpret)),
-                 jax.ShapeDtypeStruct((b, l, h, dv), F32)]
-    ut_prec = resolve_precision(ut_precision, interpret)
-    prec = resolve_precision(precision, interpret)
+    store_dtype = tc.operand_dtype(precision, interpret)
     blocks = dict(block_k=min(block_k, dk), block_v=min(block_v, dv))
     if kernel == "split":
-        inverse_kernel, wu_kernel = UT_KERNELS[kernel]
-        t = pl.pallas_call(
-            functools.partial(inverse_kernel, ut_precision=ut_prec,
-                              gram_block_k=min(gram_block_k, dk)),
-            out_shape=t_shape, grid=(b, nc, h), in_specs=[tok(dk), gate, gate], out_specs=tmat,
-            compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
-            name="gdn_ut_inverse")(k, beta_t, gcum_t)
-        w, u = pl.pallas_call(
-            functools.partial(wu_kernel, precision=prec, **blocks),
-            out_shape=tuple(wu_shapes), grid=(b, nc, h),
-            in_specs=[tok(dk), tok(dv), gate, gate, tmat], out_specs=(tok(dk), tok(dv)),
-            compiler_params=tc.triton_params(wu_num_warps, 1), interpret=interpret,
-            name="gdn_ut_apply")(k, v, beta_t, gcum_t, t)
+        a = ut_gram(k, beta_t, gcum_t, chunk, interpret=interpret, num_warps=wu_num_warps,
+                    ut_precision=ut_precision, block_k=blocks["block_k"])
+        t = ut_inverse(a, chunk, t_dtype=store_dtype, interpret=interpret, num_warps=num_warps,
+                       ut_precision=ut_precision)
+        w, u = ut_apply(k, v, beta_t, gcum_t, t, chunk, u_dtype=store_dtype, interpret=interpret,
+                        num_warps=wu_num_warps, precision=precision, **blocks)
         return (t if with_t else None), w, u
-    out_shape, out_specs = list(wu_shapes), [tok(dk), tok(dv)]
+    tok, gate, tmat = _ut_specs(chunk)
+    out_shape = [jax.ShapeDtypeStruct((b, l, h, dk), store_dtype),
+                 jax.ShapeDtypeStruct((b, l, h, dv), store_dtype)]
+    out_specs = [tok(dk), tok(dv)]
     if with_t:
-        out_shape.insert(0, t_shape)
+        out_shape.insert(0, jax.ShapeDtypeStruct((b, h, l, chunk), store_dtype))
         out_specs.insert(0, tmat)
     outs = pl.pallas_call(
-        functools.partial(UT_KERNELS[kernel], with_t=with_t, ut_precision=ut_prec,
-                          precision=prec, **blocks),
+        functools.partial(UT_KERNELS[kernel], with_t=with_t,
+                          gram_precision=_gram_precision(k, ut_precision, interpret),
+                          ut_precision=resolve_precision(ut_precision, interpret),
+                          precision=resolve_precision(precision, interpret), **blocks),
         out_shape=tuple(out_shape),
-        grid=(b, nc, h),
+        grid=(b, l // chunk, h),
         in_specs=[tok(dk), tok(dv), gate, gate],
         out_specs=tuple(out_specs),
         compiler_params=tc.triton_params(num_warps, 1),
@@ -191,11 +249,11 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
 def state_step(ks, ws, u_pre, gates: tc.Gates, states, precision):
     """One chunk of the state recurrence, the key dimension split into blocks.
 
-    ks, ws: lists of [C, BK] tiles of K and W = T Kb; u_pre: [C, BV] U = T Vb (float32);
+    ks, ws: lists of [C, BK] tiles of K and W = T Kb; u_pre: [C, BV] U = T Vb;
     states: list of [BK, BV] float32 tiles of S.  Returns (v_new = U - W S [C, BV] float32,
     new state tiles S' = e^{G_C} S + K^T (diag(e^{G_C - G}) v_new))."""
     mm = functools.partial(cm.mm, precision=precision)
-    v_new = u_pre
+    v_new = u_pre.astype(F32)
     for w_b, s_b in zip(ws, states):
         v_new = v_new - mm(w_b, s_b)
     vd = v_new * gates.ekd[:, None]
@@ -256,7 +314,7 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, block_k, precision):
 def state_walk(k, w, u, gcum_t, init, lo, hi, seg, first, *, chunk: int, num_segments: int,
                block_v: int, precision: str = "bf16", interpret: bool = False, num_warps: int = 4,
                num_stages: int = 2, block_k: int = 64):
-    """Runs the state walk.  Shapes: k, w [B, L, H, dk]; u [B, L, H, dv] float32; gcum_t [B, H, L];
+    """Runs the state walk.  Shapes: k, w [B, L, H, dk]; u [B, L, H, dv]; gcum_t [B, H, L];
     init [B, S, H, dk, dv] or None; lo, hi [B*S]; seg, first [B, Nc] (``cm.segment_ranges``).
     Returns (h [B, H, Nc, dk, dv], v_new [B, L, H, dv], final [B, S, H, dk, dv] float32): h is the
     state at the start of every visited chunk and v_new = U - W h, both in
