@@ -107,6 +107,7 @@ def breakdown(shape, config, repeats):
     bk = min(dk, config.block_k)
     prec = dict(precision=config.precision, interpret=interp)
     par = dict(chunk=chunk, num_warps=config.par_num_warps, block_k=bk, block_v=pbv, **prec)
+    bpar = dict(par, num_warps=config.bwd_par_warps())
     out = {}
 
     def timed(name, fn, *args):
@@ -137,7 +138,7 @@ def breakdown(shape, config, repeats):
     timed("chunk_output", lambda *a: triton_fwd.chunk_output(*a, seg, **par),
           qp, kp, gcum_t, hs, v_new)
     dvl, qdo = timed("bwd_dv_local", lambda *a: triton_bwd.dv_local(
-        *a, seg, with_qdo=config.bwd_qdo, **par), qp, kp, gcum_t, do)
+        *a, seg, with_qdo=config.bwd_qdo, **bpar), qp, kp, gcum_t, do)
     dfinal = jax.random.normal(jax.random.PRNGKey(3), (b, 1, h, dk, dv), jnp.float32)
     stages = triton_bwd._bwd_walk_stages(config, chunk, dk, bvb, jnp.dtype(op).itemsize)
     walk_in = (qdo,) if config.bwd_qdo else (qp, do)
@@ -146,9 +147,9 @@ def breakdown(shape, config, repeats):
         has_init=False, num_warps=config.num_warps, block_k=bk, num_stages=stages,
         **(dict(qdo=qa[0]) if config.bwd_qdo else dict(q=qa[0], do=qa[1])), **prec),
         kp, w, gcum_t, dvl, dfinal, *walk_in)
-    _, dkd, dw, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **par),
+    _, dkd, dw, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **bpar),
                           qp, kp, gcum_t, hs, dh, v_new, do, du)
-    timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(*a, seg, **par),
+    timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(*a, seg, dv_dtype=v.dtype, **bpar),
           kp, vp, beta_t, gcum_t, tm, dw, du, dkd)
     out["fwd_kernels_ms"] = sum(out[n + "_ms"] for n in ("ut_transform", "state_walk",
                                                           "chunk_output"))

@@ -242,6 +242,10 @@ def test_ut_kernel_config():
         gd_api.Config(ut_kernel="fla")
     with pytest.raises(ValueError, match="ut_num_warps"):
         gd_api.Config(ut_num_warps=3)
+    assert gd_api.Config(par_num_warps=2).bwd_par_warps() == 2
+    assert gd_api.Config(bwd_par_num_warps=8).bwd_par_warps() == 8
+    with pytest.raises(ValueError, match="bwd_par_num_warps"):
+        gd_api.Config(bwd_par_num_warps=6)
     with pytest.raises(ValueError, match="unknown UT kernel"):
         triton_fwd.ut_transform(*[jnp.zeros((1, 16, 1, 16))] * 2, *[jnp.zeros((1, 1, 16))] * 2, 16,
                                 interpret=True, kernel="fla")

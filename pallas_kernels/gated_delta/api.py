@@ -76,8 +76,10 @@ class Config:
     block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
       splits dk into blocks of this size).
     num_warps, num_stages: the two sequential walks (forward state walk, backward dS walk).
-    par_num_warps: the chunk-parallel kernels (outputs, dq/dk/dW, WY backward, the W/U kernel of
+    par_num_warps: the chunk-parallel forward kernels (outputs, the A and W/U kernels of
       ut_kernel="split"; the UT transform with ut_kernel="masked" unless ut_num_warps is set).
+    bwd_par_num_warps: the chunk-parallel backward kernels (P^T dO, dq/dk/dW, WY backward;
+      None: par_num_warps).
     bwd: "pallas" (Triton: a chunk-parallel P^T dO kernel, a sequential dS walk, then two
       chunk-parallel gradient kernels; Mosaic: one reverse chunk walk per (row, head) with the whole
       value dim as one block, ``mosaic_bwd``) or "xla" (VJP of the chunked XLA form).
@@ -102,6 +104,7 @@ class Config:
     num_stages: int = 2
     par_num_warps: int = 4
     par_block_v: int = 64
+    bwd_par_num_warps: int | None = None
     bwd: str = "pallas"
     bwd_block_v: int | None = None
     bwd_num_stages: int | None = None
@@ -113,10 +116,15 @@ class Config:
         if self.ut_kernel not in UT_KERNELS:
             raise ValueError(f"Config.ut_kernel must be one of {UT_KERNELS}, "
                              f"got {self.ut_kernel!r}")
-        if self.ut_num_warps is not None and (self.ut_num_warps < 1 or
-                                              self.ut_num_warps & (self.ut_num_warps - 1)):
-            raise ValueError("Config.ut_num_warps must be None or a power of two >= 1, got "
-                             f"{self.ut_num_warps!r}")
+        for name in ("ut_num_warps", "bwd_par_num_warps"):
+            warps = getattr(self, name)
+            if warps is not None and (warps < 1 or warps & (warps - 1)):
+                raise ValueError(f"Config.{name} must be None or a power of two >= 1, got "
+                                 f"{warps!r}")
+
+    def bwd_par_warps(self) -> int:
+        """Warps of the chunk-parallel backward kernels (resolves ``bwd_par_num_warps=None``)."""
+        return self.par_num_warps if self.bwd_par_num_warps is None else self.bwd_par_num_warps
 
     def ut_warps(self) -> int:
         """Warps of a UT transform program (resolves ``ut_num_warps=None``)."""

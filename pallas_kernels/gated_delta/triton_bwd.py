@@ -4,8 +4,9 @@ Forward per chunk (``triton_fwd``; S0 = h the state at the chunk start, Kb = dia
 Vb = diag(b) V, W = T Kb, U = T Vb, P = (Q K^T) * D, Kd = diag(e^{G_C - G}) K):
   v_new = U - W S0,  O = diag(e^G) Q S0 + P v_new,  S_C = e^{G_C} S0 + Kd^T v_new.
 Backward, with dS the cotangent of the state after the chunk, in four launches:
-  0. ``dv_local`` (chunk-parallel): P^T dO, the intra-chunk part of du, and (``Config.bwd_qdo``)
-     Q^T diag(e^G) dO per chunk: both independent of dS, so kept out of the walk.
+  0. ``dv_local`` (chunk-parallel): P^T dO, the intra-chunk part of du (stored in the operand
+     dtype), and (``Config.bwd_qdo``) Q^T diag(e^G) dO per chunk: both independent of dS, so
+     kept out of the walk.
   1. ``state_grad_walk`` (sequential, grid (B*S, H, dv/BV)): walks each segment's chunks backwards
      carrying dS ([dk, BV] float32 tiles), stores dh = dS and
        du   = P^T dO + Kd dS                             (cotangent of v_new, i.e. of U)
@@ -62,7 +63,7 @@ def state_grad_step(ks, ws, dv_local, gates: tc.Gates, dss, precision, *, qs=Non
     for k_b, ds_b in zip(ks, dss):
         part = mm(k_b, ds_b)
         kds = part if kds is None else kds + part
-    du = gates.ekd[:, None] * kds + dv_local
+    du = gates.ekd[:, None] * kds + dv_local.astype(F32)
     if qdos is None:
         doe = do * gates.eg[:, None]
         qdos = [mm(q_b, doe, ta=True) for q_b in qs]
@@ -213,17 +214,20 @@ def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *qdo_ref, bl
 def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, block_k, block_v,
              with_qdo: bool = False):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; do [B, L, H, dv]; seg [B, Nc] ->
-    P^T dO [B, L, H, dv] float32 with P = (Q K^T) * D per chunk (zero on chunks of no segment),
-    and with ``with_qdo`` also Q^T diag(e^G) dO per chunk, [B, H, Nc, dk, dv] in
-    ``tc.operand_dtype(precision)`` (undefined on chunks of no segment; else None)."""
+    P^T dO [B, L, H, dv] with P = (Q K^T) * D per chunk (zero on chunks of no segment), and with
+    ``with_qdo`` also Q^T diag(e^G) dO per chunk, [B, H, Nc, dk, dv] (undefined on chunks of no
+    segment; else None), both in ``tc.operand_dtype(precision)``.  P^T dO enters
+    du = Kd dS + P^T dO elementwise, and du is itself stored in that dtype (and rounded to it as
+    a dot operand), so rounding P^T dO adds an error of the same size (flash-linear-attention
+    stores it in dO's dtype too)."""
     b, l, hh, dk = q.shape
     dv = do.shape[-1]
     sp = tc.ChunkSpecs(b, l, chunk)
-    out_shape = [jax.ShapeDtypeStruct((b, l, hh, dv), F32)]
+    op_dtype = tc.operand_dtype(precision, interpret)
+    out_shape = [jax.ShapeDtypeStruct((b, l, hh, dv), op_dtype)]
     out_specs = [sp.tok(dv)]
     if with_qdo:
-        out_shape.append(jax.ShapeDtypeStruct((b, hh, l // chunk, dk, dv),
-                                              tc.operand_dtype(precision, interpret)))
+        out_shape.append(jax.ShapeDtypeStruct((b, hh, l // chunk, dk, dv), op_dtype))
         out_specs.append(sp.state(dk, dv))
     outs = pl.pallas_call(
         functools.partial(_dv_local_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
@@ -361,16 +365,17 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
 
 
 def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision, interpret,
-           num_warps, block_k, block_v):
+           num_warps, block_k, block_v, dv_dtype=F32):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C];
     dw [B, L, H, dk]; du [B, L, H, dv]; dk_direct [B, L, H, dk] float32 (its buffer is reused for
-    dk); seg [B, Nc].  Returns (dk [B, L, H, dk], dv [B, L, H, dv], dbeta [B, H, L], dG share
-    [B, H, L]), all float32 and zero on chunks of no segment."""
+    dk); seg [B, Nc].  Returns (dk [B, L, H, dk] float32, dv [B, L, H, dv] in dv_dtype (the op's
+    v dtype: written once, not as float32 and cast by XLA), dbeta [B, H, L] float32, dG share
+    [B, H, L] float32), all zero on chunks of no segment."""
     b, l, hh, dk = k.shape
     dv = v.shape[-1]
     sp = tc.ChunkSpecs(b, l, chunk)
     out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), F32),
-                 jax.ShapeDtypeStruct((b, l, hh, dv), F32),
+                 jax.ShapeDtypeStruct((b, l, hh, dv), dv_dtype),
                  jax.ShapeDtypeStruct((b, hh, l), F32),
                  jax.ShapeDtypeStruct((b, hh, l), F32))
     return pl.pallas_call(
@@ -425,7 +430,7 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     if dkp != dk:
         dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
     common = dict(chunk=chunk, precision=config.precision, interpret=interpret, block_k=block_k)
-    par = dict(num_warps=config.par_num_warps, block_v=par_block_v)
+    par = dict(num_warps=config.bwd_par_warps(), block_v=par_block_v)
     dvl, qdo = dv_local(qp, kp, gcum_t, do_p, seg, with_qdo=config.bwd_qdo, **par, **common)
     walk_in = dict(qdo=qdo) if config.bwd_qdo else dict(q=qp, do=do_p)
     dh, du, dinit = state_grad_walk(
@@ -435,7 +440,7 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
         **common)
     dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par, **common)
     dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
-                                    **common)
+                                    dv_dtype=v.dtype, **common)
     dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg
     dg = jnp.transpose(dg, (0, 2, 1))
     dbeta = jnp.transpose(dbeta, (0, 2, 1))
