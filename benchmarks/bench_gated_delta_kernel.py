@@ -2,7 +2,8 @@
 
 Usage (GPU machine):
   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gated_delta_kernel.py --out DIR
-      [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--breakdown] [--sweep] [--budget-s 300]
+      [--shapes 8,2048,4,256,256 ...] [--repeats 30] [--breakdown] [--profile] [--sweep]
+      [--budget-s 300]
       [--ut-kernels split,masked]
 
 What it does, in one process:
@@ -14,6 +15,9 @@ What it does, in one process:
      sum(o * r), r random, w.r.t. q, k, v, g, beta);
   3. --breakdown: every Pallas kernel timed alone (forward: UT transform, state walk, outputs;
      backward: P^T dO, dS walk, dq/dk/dW, WY part) at --breakdown-shapes (default: all);
+  3b. --profile: a ``jax.profiler`` trace of 5 Pallas fwd and 5 fwd+bwd calls per shape, read back
+     as GPU kernels by name (ms per call: every kernel, including XLA's glue around the Pallas
+     ones; ``profile_layer.profile_calls``);
   4. --sweep: kernel configurations (--variants, JSON Config fields) at --sweep-shapes (indices),
      until --budget-s seconds since the start have passed.
 --ut-kernels split,masked runs 1-3 once per UT kernel (``Config.ut_kernel``; default: the one in
@@ -40,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.profile_layer import profile_calls  # noqa: E402
 from benchmarks.timing import time_fn  # noqa: E402
 from mom_jax import ops  # noqa: E402
 from mom_jax.ops import common as ops_common  # noqa: E402
@@ -177,7 +182,8 @@ class Results:
         self.out_dir = out_dir
         self.data = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                      "jax": jax.__version__, "config": dataclasses.asdict(gd_api.get_default_config()),
-                     "correctness": [], "timing": [], "breakdown": [], "sweep": [], "errors": []}
+                     "correctness": [], "timing": [], "breakdown": [], "profile": [],
+                     "sweep": [], "errors": []}
         os.makedirs(out_dir, exist_ok=True)
 
     def add(self, kind, row):
@@ -216,6 +222,12 @@ class Results:
             for r in self.data["breakdown"]:
                 lines.append(f"| {r['shape']} | {r.get('ut_kernel', '-')} | "
                              + " | ".join(f"{r.get(k_, '-')}" for k_ in keys) + " |")
+        for r in self.data["profile"]:
+            lines += ["", f"GPU-kernel profile, {r['shape']} {r['what']} ({r['ut_kernel']}): wall "
+                      f"{r['wall_ms_per_call']} ms/call, GPU busy {r['gpu_busy_ms_per_call']} ms, "
+                      f"{r['kernels_per_call']:.0f} kernels", "", "| kernel | count | ms |",
+                      "| --- | --- | --- |"]
+            lines += [f"| {k['name']} | {k['count']:g} | {k['ms']} |" for k in r["top_kernels"]]
         if self.data["sweep"]:
             lines += ["", "| config | shape | fwd ms | fwd+bwd ms |", "| --- | --- | --- | --- |"]
             for r in self.data["sweep"]:
@@ -235,6 +247,8 @@ def main():
     ap.add_argument("--check-shapes", nargs="*", type=int, default=None)
     ap.add_argument("--skip-xla", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="time each kernel alone")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU-kernel profile (jax.profiler) of the Pallas fwd and fwd+bwd calls")
     ap.add_argument("--breakdown-shapes", nargs="*", type=int, default=None,
                     help="indices into --shapes (default: all)")
     ap.add_argument("--config", default="{}", help="JSON Config fields for the main runs")
@@ -297,6 +311,9 @@ def main():
                 try:
                     res.add("timing", dict(shape=name, impl="pallas", ut_kernel=utk, what=what,
                                            **time_fn(fn, inputs, args.repeats)))
+                    if args.profile:
+                        res.add("profile", dict(shape=name, ut_kernel=utk, what=what,
+                                                **profile_calls(fn, inputs, 5)))
                 except Exception as e:  # noqa: BLE001
                     res.add("errors", {"shape": name, "impl": "pallas", "ut_kernel": utk,
                                        "what": what, "error": repr(e)[:2000]})

@@ -42,16 +42,23 @@ def kind_of(name: str) -> str:
 
 def profile(layer, batch: int, seq: int, dim: int, calls: int) -> dict:
     _, fwd_bwd, args = layer_fns(layer, batch, seq, dim)
+    return profile_calls(fwd_bwd, args, calls)
+
+
+def profile_calls(fn, args, calls: int) -> dict:
+    """GPU-kernel profile of ``fn(*args)`` (jitted): 3 warm-up calls, the wall time of ``calls``
+    calls, then a ``jax.profiler`` trace of ``calls`` more, read back as kernels grouped by name
+    and by ``kind_of`` (ms per call)."""
     for _ in range(3):
-        jax.block_until_ready(fwd_bwd(*args))
+        jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     for _ in range(calls):
-        jax.block_until_ready(fwd_bwd(*args))
+        jax.block_until_ready(fn(*args))
     wall_ms = 1e3 * (time.perf_counter() - t0) / calls
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(calls):
-                jax.block_until_ready(fwd_bwd(*args))
+                jax.block_until_ready(fn(*args))
         events, _ = kernel_events(d)
     by_name = collections.defaultdict(lambda: [0, 0])
     by_kind = collections.defaultdict(lambda: [0, 0])

@@ -334,6 +334,34 @@ def test_bf16_stored_intermediates(monkeypatch):
         assert rel_err(gp[n], gs[n]) < 2 * BF16_REL, n
 
 
+@pytest.mark.parametrize("impl", ["pallas", "xla", "scan"])
+def test_out_dtype_rounds_o_once(impl):
+    """packed_recurrence(out_dtype=bfloat16) gives the float32 o rounded to bfloat16 (the Pallas
+    output kernel writes it so; the others cast), and its gradients (bf16 cotangent of o) match
+    the float32 run's to bf16 accuracy."""
+    case = make_case("packed", seed=5)
+    kw = dict(g=case["g"], beta=case["beta"], layout=case["layout"], initial_state=case["h0"],
+              impl=impl)
+
+    def f(q, k, v, out_dtype):
+        return ops.packed_recurrence(case["rule"], q, k, v, out_dtype=out_dtype, **kw)[0]
+
+    args = (case["q"], case["k"], case["v"])
+    o32 = jax.jit(functools.partial(f, out_dtype=jnp.float32))(*args)
+    o16 = jax.jit(functools.partial(f, out_dtype=jnp.bfloat16))(*args)
+    assert o32.dtype == jnp.float32 and o16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(o16), np.asarray(o32.astype(jnp.bfloat16)))
+    ct = cotangents(case)[0]
+
+    def loss(out_dtype):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a, out_dtype).astype(jnp.float32) * ct),
+                                argnums=(0, 1, 2)))(*args)
+
+    for a, b in zip(loss(jnp.bfloat16), loss(jnp.float32)):
+        assert a.dtype == b.dtype == jnp.float32
+        assert rel_err(a, b) < 1e-2
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_public_api_bf16(varlen):
     """bf16 q/k/v through gated_delta_rule (l2norm in the API) vs the fp32 scan, incl. varlen."""

@@ -147,11 +147,12 @@ class RecurrentMixer(nnx.Module):
     def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):
         """The update rule over a packed stream, from the raw q, k of
         ``_split_features(..., qk_in_op=True)``: the op L2-normalises them and scales q by
-        ``q_scale`` (inside the Pallas kernel's custom VJP with impl "pallas")."""
+        ``q_scale`` (inside the Pallas kernel's custom VJP with impl "pallas").  o comes back in
+        v's dtype (the layer's compute dtype; the Pallas output kernel writes it directly)."""
         return ops.packed_recurrence(self.update_rule, q, k, v, g=g, beta=beta, layout=layout,
                                      initial_state=initial_state,
                                      output_final_state=output_final_state, use_qk_l2norm=True,
-                                     scale=self.q_scale, impl=self.impl)
+                                     scale=self.q_scale, impl=self.impl, out_dtype=v.dtype)
 
     def _step_features(self, conv_buf, qkv_raw, extra, conv_weight):
         """Short conv step (or SiLU) and feature maps of one token for one or more memories.

@@ -125,7 +125,7 @@ def step_features_kernel() -> Callable | None:
 def register_pallas_kernel(rule: str, fn: Callable, *, qk_l2norm: bool = False) -> None:
     """Lets ``pallas_kernels`` plug a kernel in for ``rule``.
 
-    fn(q, k, v, g, beta, layout, initial_state, output_final_state) follows the
+    fn(q, k, v, g, beta, layout, initial_state, output_final_state, *, out_dtype) follows the
     ``packed_recurrence`` contract with q, k already normalised / scaled.  ``qk_l2norm=True``
     declares that fn also takes the keywords ``use_qk_l2norm`` and ``scale`` (the
     ``packed_recurrence`` semantics) and applies them inside its own forward/backward; for a kernel
@@ -231,7 +231,8 @@ def decode_step(state, q, k, v, *, slots=None, g=None, gk=None, beta=None, share
 
 def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLayout,
                       initial_state=None, output_final_state: bool = False,
-                      use_qk_l2norm: bool = False, scale=1.0, impl: str = "auto"):
+                      use_qk_l2norm: bool = False, scale=1.0, impl: str = "auto",
+                      out_dtype=jnp.float32):
     """Runs an update rule over a chunk-aligned packed stream (see ``common.PackedLayout``).
 
     Args:
@@ -250,20 +251,25 @@ def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLa
       scale: q scale, applied after the normalisation (default 1.0: q as given).  A number;
         the Pallas kernel applies it (and the normalisation) itself only when it is static (a
         Python number), else XLA does before the kernel.
+      out_dtype: dtype of o (float32 by default).  The computation is float32 either way; o is
+        rounded once, by the Pallas kernels as they write it (no float32 copy in memory).
     Returns:
-      o: [B, L, H, dv] float32; final: [B, S, H, dk, dv] float32 (None unless output_final_state).
+      o: [B, L, H, dv] in out_dtype; final: [B, S, H, dk, dv] float32 (None unless
+      output_final_state).
     """
     static_scale = common.check_qk_options(use_qk_l2norm, scale, "packed_recurrence")
     impl = resolve_impl(impl, rule)
+    out_dtype = jnp.dtype(out_dtype)
     if impl == "pallas":
         kernel = _PALLAS_KERNELS[rule]
         if kernel.qk_l2norm and static_scale is not None:
             return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state,
-                             use_qk_l2norm=use_qk_l2norm, scale=static_scale)
+                             use_qk_l2norm=use_qk_l2norm, scale=static_scale, out_dtype=out_dtype)
         # A kernel that does not normalise itself, or a traced scale (the kernel needs it at
         # trace time): the features in XLA before the kernel (the same function, not fused).
         q, k = common.qk_features(q, k, use_qk_l2norm, scale)
-        return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state)
+        return kernel.fn(q, k, v, g, beta, layout, initial_state, output_final_state,
+                         out_dtype=out_dtype)
     q, k = common.qk_features(q, k, use_qk_l2norm, scale)
     if impl == "scan":
         start, segment = layout.token_view()
@@ -271,14 +277,15 @@ def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLa
             q, k, v, g=g if rule == "gated_delta" else None, gk=g if rule == "gla" else None,
             beta=beta, delta=rule in _DELTA_RULES, token_start=start, token_segment=segment,
             num_segments=layout.num_segments, initial_state=initial_state)
-        return o, (final if output_final_state else None)
-    if rule in _DELTA_RULES:
-        return chunked.delta_chunked(q, k, v, g if rule == "gated_delta" else None, beta, layout,
-                                     initial_state=initial_state,
-                                     output_final_state=output_final_state)
-    return chunked.additive_chunked(q, k, v, g if rule == "gla" else None, layout,
-                                    initial_state=initial_state,
-                                    output_final_state=output_final_state)
+    elif rule in _DELTA_RULES:
+        o, final = chunked.delta_chunked(q, k, v, g if rule == "gated_delta" else None, beta,
+                                         layout, initial_state=initial_state,
+                                         output_final_state=output_final_state)
+    else:
+        o, final = chunked.additive_chunked(q, k, v, g if rule == "gla" else None, layout,
+                                            initial_state=initial_state,
+                                            output_final_state=output_final_state)
+    return o.astype(out_dtype), (final if output_final_state else None)
 
 
 def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_state, use_qk_l2norm,
@@ -343,7 +350,8 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
         padded = [common.pad_time(x, length) for x in (q, k, v, g, beta)]
         o, final = packed_recurrence(rule, *padded[:3], g=padded[3], beta=padded[4], layout=layout,
                                      initial_state=None if init is None else init[:, None],
-                                     output_final_state=output_final_state, impl=impl, **qk)
+                                     output_final_state=output_final_state, impl=impl,
+                                     out_dtype=v.dtype, **qk)
         o = o[:, :t]
         final = None if final is None else final[:, 0]
     else:
@@ -358,7 +366,8 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
         o, final = packed_recurrence(rule, pack(q), pack(k), pack(v), g=pack(g), beta=pack(beta),
                                      layout=packing.layout,
                                      initial_state=None if init is None else init[None],
-                                     output_final_state=output_final_state, impl=impl, **qk)
+                                     output_final_state=output_final_state, impl=impl,
+                                     out_dtype=v.dtype, **qk)
         o = o[:, packing.positions]
         final = None if final is None else final[0]
     return o.astype(v.dtype), final

@@ -1,10 +1,10 @@
 """Entry point of the gated delta rule kernels: backend choice, padding, ``jax.custom_vjp``.
 
 ``gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state, *,
-use_qk_l2norm, scale)`` follows the ``mom_jax.ops.packed_recurrence`` contract: q, k [B, L, H, dk]
-(float32 or bfloat16), v [B, L, H, dv], g [B, L, H] float32 log-decay or None (plain delta rule),
-beta [B, L, H], initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] float32, final
-state or None).
+use_qk_l2norm, scale, out_dtype)`` follows the ``mom_jax.ops.packed_recurrence`` contract: q, k
+[B, L, H, dk] (float32 or bfloat16), v [B, L, H, dv], g [B, L, H] float32 log-decay or None (plain
+delta rule), beta [B, L, H], initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] in
+out_dtype (default float32), final state or None).
 
 q/k L2-norm in the op (``use_qk_l2norm=True``: q <- l2norm(q) * scale, k <- l2norm(k), eps 1e-6).
 This is the scheme of flash-linear-attention's ``use_qk_l2norm_in_kernel``: the normalisation is
@@ -215,9 +215,9 @@ def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16, *, qk_norm: b
 
 
 def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config,
-             qk_norm: bool = False, scale: float = 1.0, for_bwd: bool = False):
-    """Runs the forward kernels; returns (o, final, residuals for the Pallas backward or None,
-    rstd (rstd_q, rstd_k) or None)."""
+             qk_norm: bool = False, scale: float = 1.0, for_bwd: bool = False, out_dtype=F32):
+    """Runs the forward kernels; returns (o in out_dtype, final, residuals for the Pallas
+    backward or None, rstd (rstd_q, rstd_k) or None)."""
     from pallas_kernels.gated_delta import mosaic, triton_common, triton_fwd  # noqa: PLC0415
 
     layout = PackedLayout(chunk_segment, num_segments, chunk)
@@ -233,7 +233,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
             precision=mosaic.resolve_precision(config.precision, interpret), store_states=store)
         # Residual for the Mosaic backward: the chunk-start states (q', k' are recomputed there
         # from the raw q, k and rstd, as ``_xla_vjp`` does).
-        return o, final, (tuple(h) if store else None), rstd
+        return o.astype(out_dtype), final, (tuple(h) if store else None), rstd
     qp, kp, vp, beta_t, gcum_t, initp, rstd = _prepare(q, k, v, g, beta, init, chunk,
                                                        qk_norm=qk_norm, scale=scale)
     # The kernels use q, k, v only as dot operands (plus elementwise terms of dg/dbeta): with bf16
@@ -261,7 +261,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     o = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
                                 precision=config.precision, interpret=interpret,
                                 num_warps=config.par_num_warps, block_k=block_k,
-                                block_v=par_block_v)
+                                block_v=par_block_v, out_dtype=out_dtype)
     extra = (qp, kp, vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None
     return o[..., :dv], final[..., :dk, :dv], extra, rstd
 
@@ -270,18 +270,19 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
 # custom_vjp
 # ------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12, 13))
 def _gated_delta_core(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config,
-                      qk_norm, scale):
+                      qk_norm, scale, out_dtype):
     o, final, _, _ = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
-                              num_segments, chunk, config, qk_norm, scale)
+                              num_segments, chunk, config, qk_norm, scale, out_dtype=out_dtype)
     return o, final
 
 
 def _core_fwd(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, has_g, config,
-              qk_norm, scale):
+              qk_norm, scale, out_dtype):
     o, final, extra, rstd = _forward(q, k, v, g if has_g else None, beta, init, chunk_segment,
-                                     num_segments, chunk, config, qk_norm, scale, for_bwd=True)
+                                     num_segments, chunk, config, qk_norm, scale, for_bwd=True,
+                                     out_dtype=out_dtype)
     # Residuals: the raw q, k (as given) and, with qk_norm, only their rstd ([B, L, H] float32);
     # the normalised copies the backward kernels read are the operand-dtype ones in ``extra``.
     return (o, final), (q, k, v, g, beta, init, chunk_segment, extra, rstd)
@@ -315,7 +316,7 @@ def _mosaic_bwd(res, do, dfinal, num_segments, chunk, has_g, config, scale):
     return dq, dk, dv.astype(v.dtype), dg.astype(g.dtype), dbeta.astype(beta.dtype), dinit
 
 
-def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, res, cts):
+def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, out_dtype, res, cts):
     do, dfinal = cts
     q, k, rstd = res[0], res[1], res[8]
     use_pallas = config.bwd == "pallas" and res[7] is not None
@@ -353,13 +354,14 @@ def _warn_chunk_fallback(chunk: int) -> None:
 
 def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=None,
                        output_final_state: bool = False, config: Config | None = None, *,
-                       use_qk_l2norm: bool = False, scale: float = 1.0):
+                       use_qk_l2norm: bool = False, scale: float = 1.0, out_dtype=F32):
     """Chunked (gated) delta rule on a packed stream with the Pallas kernels.  See module doc.
 
     use_qk_l2norm, scale: as in ``mom_jax.ops.packed_recurrence`` (q <- l2norm(q) * scale,
     k <- l2norm(k) inside the op; scale must be a Python number).  Gradients are w.r.t. the raw
-    q, k and come back in their dtypes.
+    q, k and come back in their dtypes.  o comes back in out_dtype (the output kernel writes it).
     """
+    out_dtype = jnp.dtype(out_dtype)
     config = config or get_default_config()
     chunk = layout.chunk_size
     static_scale = check_qk_options(use_qk_l2norm, scale, "gated_delta_packed")
@@ -373,26 +375,27 @@ def gated_delta_packed(q, k, v, g, beta, layout: PackedLayout, initial_state=Non
     if not chunk_supported(chunk):
         _warn_chunk_fallback(chunk)
         q, k = qk_features(q, k, bool(use_qk_l2norm), scale)
-        return chunked.delta_chunked(q, k, v, g, beta, layout, initial_state=initial_state,
-                                     output_final_state=output_final_state)
+        o, final = chunked.delta_chunked(q, k, v, g, beta, layout, initial_state=initial_state,
+                                         output_final_state=output_final_state)
+        return o.astype(out_dtype), final
     has_g = g is not None
     g_arr = g.astype(F32) if has_g else jnp.zeros(beta.shape, F32)
     init = None if initial_state is None else initial_state.astype(F32)
     o, final = _gated_delta_core(q, k, v, g_arr, beta, init, layout.chunk_segment.astype(jnp.int32),
                                  layout.num_segments, chunk, has_g, config, bool(use_qk_l2norm),
-                                 scale)
+                                 scale, out_dtype)
     return o, (final if output_final_state else None)
 
 
 def gated_delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state, *,
-                       use_qk_l2norm: bool = False, scale: float = 1.0):
+                       use_qk_l2norm: bool = False, scale: float = 1.0, out_dtype=F32):
     """Registered for rule "gated_delta" (``register_pallas_kernel(..., qk_l2norm=True)``)."""
     return gated_delta_packed(q, k, v, g, beta, layout, initial_state, output_final_state,
-                              use_qk_l2norm=use_qk_l2norm, scale=scale)
+                              use_qk_l2norm=use_qk_l2norm, scale=scale, out_dtype=out_dtype)
 
 
 def delta_kernel(q, k, v, g, beta, layout, initial_state, output_final_state, *,
-                 use_qk_l2norm: bool = False, scale: float = 1.0):
+                 use_qk_l2norm: bool = False, scale: float = 1.0, out_dtype=F32):
     """Registered for rule "delta" (g is None: no decay)."""
     return gated_delta_packed(q, k, v, None, beta, layout, initial_state, output_final_state,
-                              use_qk_l2norm=use_qk_l2norm, scale=scale)
+                              use_qk_l2norm=use_qk_l2norm, scale=scale, out_dtype=out_dtype)

@@ -379,16 +379,17 @@ def _output_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, vnew_ref, o_ref, *, bloc
 
 def chunk_output(q, k, gcum_t, h, v_new, seg, *, chunk: int, precision: str = "bf16",
                  interpret: bool = False, num_warps: int = 4, block_k: int = 64,
-                 block_v: int = 64):
+                 block_v: int = 64, out_dtype=F32):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; h [B, H, Nc, dk, dv]; v_new [B, L, H, dv];
-    seg [B, Nc] -> o [B, L, H, dv] float32 (zero on chunks of no segment)."""
+    seg [B, Nc] -> o [B, L, H, dv] in out_dtype (computed in float32, rounded as it is stored;
+    zero on chunks of no segment)."""
     b, l, hh, dk = q.shape
     dv = v_new.shape[-1]
     sp = tc.ChunkSpecs(b, l, chunk)
     return pl.pallas_call(
         functools.partial(_output_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
                           precision=resolve_precision(precision, interpret)),
-        out_shape=jax.ShapeDtypeStruct((b, l, hh, dv), F32),
+        out_shape=jax.ShapeDtypeStruct((b, l, hh, dv), out_dtype),
         grid=(b * (l // chunk), hh),
         in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.state(dk, dv), sp.tok(dv)],
         out_specs=sp.tok(dv),
