@@ -782,17 +782,18 @@ def test_registered_pallas_kernel_is_dispatched(monkeypatch):
     monkeypatch.setattr(ops_api, "_load_pallas_kernels", lambda: None)
     seen = {}
 
-    def fake(q, k, v, g, beta, layout, initial_state, output_final_state):
-        seen["called"] = True
+    def fake(q, k, v, g, beta, layout, initial_state, output_final_state, *, out_dtype):
+        seen["called"], seen["out_dtype"] = True, out_dtype
         return ops.packed_recurrence("gated_delta", q, k, v, g=g, beta=beta, layout=layout,
                                      initial_state=initial_state,
-                                     output_final_state=output_final_state, impl="scan")
+                                     output_final_state=output_final_state, impl="scan",
+                                     out_dtype=out_dtype)
 
     ops.register_pallas_kernel("gated_delta", fake)
     x = make_inputs(91, 1, 20, 2, 8, 8)
     o_p, f_p = ecall("gated_delta", x, "pallas", chunk_size=8, output_final_state=True)
     o_s, f_s = ecall("gated_delta", x, "scan", output_final_state=True)
-    assert seen.get("called")
+    assert seen.get("called") and seen["out_dtype"] == x["v"].dtype   # the op asks for v's dtype
     assert_close(o_p, o_s)
     assert_close(f_p, f_s)
 
