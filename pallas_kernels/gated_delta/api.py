@@ -56,8 +56,8 @@ class Config:
       (operands rounded to bfloat16, float32 accumulation and states; like
       flash-linear-attention, and the fastest: see benchmarks/NOTES_kernels.md), "tf32", "tf32x3"
       or "ieee".  With "bf16", intermediates that are only dot operands (T, W, chunk-start
-      states, v_new and their cotangents) and U are stored in bfloat16.  On TPU: bf16 -> DEFAULT,
-      tf32 -> HIGH, else HIGHEST.
+      states, v_new and their cotangents) and U, P^T dO are stored in bfloat16.  On TPU:
+      bf16 -> DEFAULT, tf32 -> HIGH, else HIGHEST.
     ut_precision: dots of the UT transform's inverse, and of A = K K^T where K is stored in
       float32 (precision other than "bf16"; with bf16 K the products are exact anyway):
       "tf32x3" or "ieee".  Interpret mode is always float32.
