@@ -152,7 +152,7 @@ def breakdown(shape, config, repeats):
         has_init=False, num_warps=config.num_warps, block_k=bk, num_stages=stages,
         **(dict(qdo=qa[0]) if config.bwd_qdo else dict(q=qa[0], do=qa[1])), **prec),
         kp, w, gcum_t, dvl, dfinal, *walk_in)
-    _, dkd, dw, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **bpar),
+    _, dkd, dw, _, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **bpar),
                           qp, kp, gcum_t, hs, dh, v_new, do, du)
     timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(*a, seg, dv_dtype=v.dtype, **bpar),
           kp, vp, beta_t, gcum_t, tm, dw, du, dkd)

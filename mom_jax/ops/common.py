@@ -40,17 +40,22 @@ def l2norm_rstd(x: jax.Array, eps: float = L2NORM_EPS) -> tuple[jax.Array, jax.A
     return x * rstd[..., None], rstd
 
 
-def l2norm_vjp(x: jax.Array, rstd: jax.Array, dy: jax.Array) -> jax.Array:
+def l2norm_vjp(x: jax.Array, rstd: jax.Array, dy: jax.Array,
+               dy_dot_y: jax.Array | None = None) -> jax.Array:
     """Cotangent of x through y = l2norm(x), from x, its rstd and the cotangent dy of y.
 
     With y = x * rstd and rstd = (|x|^2 + eps)^(-1/2), dy/dx = rstd (I - y y^T) exactly (eps
     included), so dx = rstd * (dy - y <dy, y>).  x: [..., d] any float dtype; rstd: [...] float32;
-    dy: [..., d].  Returns dx [..., d] float32 (cast it to x's dtype where wanted).
+    dy: [..., d]; dy_dot_y: the row sums <dy, y> [...] float32 where the caller already has them
+    (then this is one elementwise pass, no reduction), else computed here.
+    Returns dx [..., d] float32 (cast it to x's dtype where wanted).
     """
     r = rstd[..., None]
     y = x.astype(jnp.float32) * r
     dy = dy.astype(jnp.float32)
-    return r * (dy - y * jnp.sum(dy * y, axis=-1, keepdims=True))
+    dot = (jnp.sum(dy * y, axis=-1, keepdims=True) if dy_dot_y is None
+           else dy_dot_y.astype(jnp.float32)[..., None])
+    return r * (dy - y * dot)
 
 
 def check_qk_options(use_qk_l2norm, scale, op: str) -> float | None:

@@ -179,14 +179,19 @@ def _qk_in_from_rstd(q, k, rstd, scale: float):
     return (qn if scale == 1.0 else qn * scale), k.astype(F32) * rstd[1][..., None]
 
 
-def _qk_out(dq, dk, q, k, rstd, scale: float):
+def _qk_out(dq, dk, q, k, rstd, scale: float, rowdots=None):
     """Cotangents of the kernels' q', k' (float32, head dim possibly padded) -> of the op's q, k:
-    slices the padding off, applies the scale and the L2-norm Jacobian, casts to q/k's dtypes."""
+    slices the padding off, applies the scale and the L2-norm Jacobian, casts to q/k's dtypes.
+
+    rowdots: (<dq', q'>, <dk', k'>) [B, L, H] float32 from the backward kernels, or None.  With
+    y = l2norm(q) = q' / scale and dy = scale dq', <dy, y> = <dq', q'>: given the row sums, the
+    Jacobian is one elementwise pass per tensor (no separate reduction pass over float32 dq/dk)."""
     dq, dk = dq[..., :q.shape[-1]].astype(F32), dk[..., :k.shape[-1]].astype(F32)
     if scale != 1.0:
         dq = dq * scale
     if rstd is not None:
-        dq, dk = l2norm_vjp(q, rstd[0], dq), l2norm_vjp(k, rstd[1], dk)
+        rq, rk = (None, None) if rowdots is None else rowdots
+        dq, dk = l2norm_vjp(q, rstd[0], dq, rq), l2norm_vjp(k, rstd[1], dk, rk)
     return dq.astype(q.dtype), dk.astype(k.dtype)
 
 
@@ -321,16 +326,18 @@ def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, out_dtype, res
     q, k, rstd = res[0], res[1], res[8]
     use_pallas = config.bwd == "pallas" and res[7] is not None
     backend = _backend(config)
+    rowdots = None
     if use_pallas and backend == "triton":
         from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
-        grads = triton_bwd.backward(res[:8], do, dfinal, num_segments=num_segments, chunk=chunk,
-                                    has_g=has_g, config=config, interpret=_interpret())
+        *grads, rowdots = triton_bwd.backward(res[:8], do, dfinal, num_segments=num_segments,
+                                              chunk=chunk, has_g=has_g, config=config,
+                                              interpret=_interpret())
     elif use_pallas and backend == "mosaic":
         grads = _mosaic_bwd(res, do, dfinal, num_segments, chunk, has_g, config, scale)
     else:
         grads = _xla_vjp(res, (do, dfinal), num_segments, chunk, has_g, scale)
     dq, dk, dv, dg, dbeta, dinit = grads
-    dq, dk = _qk_out(dq, dk, q, k, rstd, scale)  # one pass: slice, scale, L2-norm Jacobian, cast
+    dq, dk = _qk_out(dq, dk, q, k, rstd, scale, rowdots)  # slice, scale, L2-norm Jacobian, cast
     if not has_g:
         dg = jnp.zeros_like(res[3])
     return dq, dk, dv, dg, dbeta, dinit, None

@@ -18,13 +18,14 @@ Backward, with dS the cotangent of the state after the chunk, in four launches:
        dW = -du h^T,
      and this key block's share of dG (w.r.t. the chunk-local cumulative log-decay G):
        sum_d Q*dQ - sum_d K*dK_direct, plus at the last position
-       sum K*diag(e^{G_C-G}) v_new dh^T + e^{G_C} sum dh*h.
+       sum K*diag(e^{G_C-G}) v_new dh^T + e^{G_C} sum dh*h;
+     and its share of the row sums <dQ, Q> (the L2-norm Jacobian's, ``api._qk_out``).
   3. ``wy_bwd`` (chunk-parallel, grid (B*Nc, H)): the UT/WY part.  dT = dW Kb^T + du Vb^T,
      dA = -T^T dT T^T (strictly lower), dKb = T^T dW, dVb = T^T du, dV = diag(b) dVb,
      dK = dK_direct + diag(b e^G) dKb + dA' K + dA'^T K
           (dA' = diag(b) (E * dA), E_ij = e^{G_i - G_j}),
      dbeta = sum_d dVb*V + e^G sum_d dKb*K + rowsum(E*dA*KK^T),
-     dG += sum_d dKb*Kb + rowsum(dA*A) - colsum(dA*A).
+     dG += sum_d dKb*Kb + rowsum(dA*A) - colsum(dA*A), and the row sums <dK, K>.
 XLA then adds the dG shares and turns dG into dg by a reverse cumsum inside each chunk.
 
 At a chunk that ends the segment's last run dS = d(final state); at the end of an earlier run (only
@@ -246,10 +247,10 @@ def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, b
 # ------------------------------------------------------------------------------------------------
 
 def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, du_ref,
-                 dq_ref, dkd_ref, dw_ref, dg_ref, *, block_v, precision):
+                 dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref, *, block_v, precision):
     chunk = q_ref.shape[0]
 
-    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref))
+    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref))
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
@@ -279,7 +280,9 @@ def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, 
         dw_ref[...] = (-du_h).astype(dw_ref.dtype)
         kf = k.astype(F32)
         g_last = jnp.sum(kf * dk_inter) + gates.egl * hdh
-        dg_ref[...] = (jnp.sum(q.astype(F32) * dq, axis=1) - jnp.sum(kf * dkd, axis=1)
+        q_dq = jnp.sum(q.astype(F32) * dq, axis=1)        # this key block's share of <dq, q>
+        rq_ref[...] = q_dq
+        dg_ref[...] = (q_dq - jnp.sum(kf * dkd, axis=1)
                        + jnp.where(tc.last_row_mask(chunk), g_last, 0.0))
 
 
@@ -287,8 +290,9 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
          block_k, block_v):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; h, dh [B, H, Nc, dk, dv]; v_new, do, du [B, L, H, dv];
     seg [B, Nc].  Returns (dq [B, L, H, dk] float32, dK_direct [B, L, H, dk] float32,
-    dW [B, L, H, dk] (``tc.operand_dtype``), dG shares [dk/BK, B, H, L] float32); zero on chunks of
-    no segment."""
+    dW [B, L, H, dk] (``tc.operand_dtype``), dG shares [dk/BK, B, H, L] float32, shares of the
+    row sums <dq, q> [dk/BK, B, H, L] float32 (for the L2-norm Jacobian)); zero on chunks of no
+    segment."""
     b, l, hh, dk = q.shape
     dv = do.shape[-1]
     bk = min(block_k, dk)
@@ -297,6 +301,7 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
     out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), F32),
                  jax.ShapeDtypeStruct((b, l, hh, dk), F32),
                  jax.ShapeDtypeStruct((b, l, hh, dk), tc.operand_dtype(precision, interpret)),
+                 jax.ShapeDtypeStruct((nk, b, hh, l), F32),
                  jax.ShapeDtypeStruct((nk, b, hh, l), F32))
     return pl.pallas_call(
         functools.partial(_dqkw_kernel, block_v=min(block_v, dv),
@@ -305,7 +310,8 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
         in_specs=[sp.seg(), sp.tok(bk, True), sp.tok(bk, True), sp.gate(),
                   sp.state(bk, dv, key_blocked=True), sp.state(bk, dv, key_blocked=True),
                   sp.tok(dv), sp.tok(dv), sp.tok(dv)],
-        out_specs=(sp.tok(bk, True), sp.tok(bk, True), sp.tok(bk, True), sp.gate_part()),
+        out_specs=(sp.tok(bk, True), sp.tok(bk, True), sp.tok(bk, True), sp.gate_part(),
+                   sp.gate_part()),
         compiler_params=tc.triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_dqkw",
     )(seg, q, k, gcum_t, h, dh, v_new, do, du)
 
@@ -315,10 +321,10 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
 # ------------------------------------------------------------------------------------------------
 
 def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dkd_ref,
-               dk_ref, dv_ref, dbeta_ref, dg_ref, *, block_k, block_v, precision):
+               dk_ref, dv_ref, dbeta_ref, dg_ref, rk_ref, *, block_k, block_v, precision):
     chunk, dk = k_ref.shape
 
-    @tc.used_chunk(seg_ref, (dk_ref, dv_ref, dbeta_ref, dg_ref))
+    @tc.used_chunk(seg_ref, (dk_ref, dv_ref, dbeta_ref, dg_ref, rk_ref))
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
@@ -352,16 +358,21 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
         dkk = dae * beta[:, None]
 
         def key_block_b(col, carry):
-            dbeta, dg = carry
+            dbeta, dg, k_dk = carry
             k_b, dw_b = k_ref[:, col], dw_ref[:, col]
+            kf_b = k_b.astype(F32)
             dkb = mm(t, dw_b, ta=True)                    # T^T dW
-            dkbk = jnp.sum(dkb * k_b.astype(F32), axis=1)
-            dk_ref[:, col] = (dkd_ref[:, col] + dkb * beg + mm(dkk, k_b) + mm(dkk, k_b, ta=True))
-            return dbeta + dkbk * gates.eg, dg + dkbk * beg[:, 0]
+            dkbk = jnp.sum(dkb * kf_b, axis=1)
+            dk_b = dkd_ref[:, col] + dkb * beg + mm(dkk, k_b) + mm(dkk, k_b, ta=True)
+            dk_ref[:, col] = dk_b
+            return (dbeta + dkbk * gates.eg, dg + dkbk * beg[:, 0],
+                    k_dk + jnp.sum(dk_b * kf_b, axis=1))
 
-        dbeta, dg = tc.fori_blocks(dk, block_k, key_block_b, (dbeta, dg))
+        dbeta, dg, k_dk = tc.fori_blocks(dk, block_k, key_block_b,
+                                         (dbeta, dg, jnp.zeros((chunk,), F32)))
         dbeta_ref[...] = dbeta
         dg_ref[...] = dg
+        rk_ref[...] = k_dk
 
 
 def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision, interpret,
@@ -370,12 +381,14 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
     dw [B, L, H, dk]; du [B, L, H, dv]; dk_direct [B, L, H, dk] float32 (its buffer is reused for
     dk); seg [B, Nc].  Returns (dk [B, L, H, dk] float32, dv [B, L, H, dv] in dv_dtype (the op's
     v dtype: written once, not as float32 and cast by XLA), dbeta [B, H, L] float32, dG share
-    [B, H, L] float32), all zero on chunks of no segment."""
+    [B, H, L] float32, row sums <dk, k> [B, H, L] float32 (for the L2-norm Jacobian)), all zero
+    on chunks of no segment."""
     b, l, hh, dk = k.shape
     dv = v.shape[-1]
     sp = tc.ChunkSpecs(b, l, chunk)
     out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), F32),
                  jax.ShapeDtypeStruct((b, l, hh, dv), dv_dtype),
+                 jax.ShapeDtypeStruct((b, hh, l), F32),
                  jax.ShapeDtypeStruct((b, hh, l), F32),
                  jax.ShapeDtypeStruct((b, hh, l), F32))
     return pl.pallas_call(
@@ -384,7 +397,7 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
         out_shape=out_shape, grid=(b * (l // chunk), hh),
         in_specs=[sp.seg(), sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.tmat(), sp.tok(dk),
                   sp.tok(dv), sp.tok(dk)],
-        out_specs=(sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate()),
+        out_specs=(sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.gate()),
         input_output_aliases={8: 0},
         compiler_params=tc.triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_wy",
     )(seg, k, v, beta_t, gcum_t, t, dw, du, dk_direct)
@@ -405,12 +418,13 @@ def _bwd_walk_stages(config, chunk: int, dk: int, block_v: int, itemsize: int) -
 
 
 def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
-    """Gradients (dq, dk, dv, dg, dbeta, dinit) for ``api._gated_delta_core`` from its residuals
-    (q, k, v, g, beta, init, chunk_segment, extra).
+    """Gradients (dq, dk, dv, dg, dbeta, dinit, rowdots) for ``api._gated_delta_core`` from its
+    residuals (q, k, v, g, beta, init, chunk_segment, extra).
 
     dq, dk are w.r.t. the kernels' q, k (after the pre-pass: normalised / scaled, head dim padded):
     [B, L, H, dkp] float32; ``api._qk_out`` slices them and applies the q scale and the L2-norm
-    Jacobian.  dv [B, L, H, dv] in v's dtype, dg [B, L, H] (None without g), dbeta [B, L, H],
+    Jacobian, with rowdots = (<dq, q>, <dk, k>) [B, L, H] float32 summed by the dq/dk/dW and WY
+    kernels.  dv [B, L, H, dv] in v's dtype, dg [B, L, H] (None without g), dbeta [B, L, H],
     dinit [B, S, H, dk, dv] float32 (None without init)."""
     from mom_jax.ops.common import PackedLayout  # noqa: PLC0415
 
@@ -438,14 +452,16 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
         block_v=block_v, has_init=has_init, num_warps=config.num_warps,
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize), **walk_in,
         **common)
-    dq, dk_direct, dw, dg_qk = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par, **common)
-    dk_, dv_, dbeta, dg_wy = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
-                                    dv_dtype=v.dtype, **common)
+    dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par,
+                                        **common)
+    dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
+                                        dv_dtype=v.dtype, **common)
     dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg
     dg = jnp.transpose(dg, (0, 2, 1))
     dbeta = jnp.transpose(dbeta, (0, 2, 1))
     if has_init:
         empty = (hi <= lo).reshape(b, num_segments)[:, :, None, None, None]
         dinit = jnp.where(empty, dfinal.astype(F32), dinit[..., :dk, :dv])
+    rowdots = (jnp.transpose(jnp.sum(rq, axis=0), (0, 2, 1)), jnp.transpose(rk, (0, 2, 1)))
     return (dq, dk_, dv_[..., :dv].astype(v.dtype), dg.astype(g.dtype) if has_g else None,
-            dbeta.astype(beta.dtype), dinit)
+            dbeta.astype(beta.dtype), dinit, rowdots)
