@@ -231,8 +231,8 @@ def test_ut_kernel_matches_float64(kernel, chunk, dk):
 
 
 def test_ut_kernel_config():
-    """Config.ut_kernel names exactly the kernels triton_fwd has; anything else is an error, and
-    the warps default to 1 for the split kernel's inverse."""
+    """Config.ut_kernel names exactly the kernels triton_fwd has; anything else is an error; the
+    warps default to 1 for the split kernel's inverse; the rules of the other derived knobs."""
     from pallas_kernels.gated_delta import triton_fwd  # noqa: PLC0415
     assert set(gd_api.UT_KERNELS) == set(triton_fwd.UT_KERNELS)
     assert gd_api.Config().ut_kernel == "split" and gd_api.Config().ut_warps() == 1
@@ -246,6 +246,14 @@ def test_ut_kernel_config():
     assert gd_api.Config(bwd_par_num_warps=8).bwd_par_warps() == 8
     with pytest.raises(ValueError, match="bwd_par_num_warps"):
         gd_api.Config(bwd_par_num_warps=6)
+    # walk value block: 64 only for dk <= 128 with enough walk programs, else 32, never above dv
+    auto = gd_api.Config()
+    assert auto.walk_block_v(128, 128, walks=128) == 64          # 256 programs of 64 columns
+    assert auto.walk_block_v(128, 128, walks=32) == 32           # too few programs
+    assert auto.walk_block_v(256, 256, walks=1024) == 32         # [256, 64] state: too large
+    assert auto.walk_block_v(16, 16, walks=1024) == 16
+    assert gd_api.Config(block_v=16).walk_block_v(128, 128, 1024, backward=True) == 16
+    assert gd_api.Config(bwd_block_v=64).walk_block_v(256, 256, 1, backward=True) == 64
     with pytest.raises(ValueError, match="unknown UT kernel"):
         triton_fwd.ut_transform(*[jnp.zeros((1, 16, 1, 16))] * 2, *[jnp.zeros((1, 1, 16))] * 2, 16,
                                 interpret=True, kernel="fla")

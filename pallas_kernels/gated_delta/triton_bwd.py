@@ -435,7 +435,7 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dkp, dvp = qp.shape[-1], vp.shape[-1]
     layout = PackedLayout(chunk_segment, num_segments, chunk)
     last = layout.chunk_last().astype(jnp.int32)
-    block_v = min(dvp, config.bwd_block_v or config.block_v or 32)
+    block_v = config.walk_block_v(dkp, dvp, b * num_segments * hh, backward=True)
     par_block_v = min(dvp, config.par_block_v)
     block_k = min(dkp, config.block_k)
     has_init = init is not None
