@@ -12,7 +12,8 @@ What it does, in one process:
      gradients of q, k, v, g, beta against the float32 chunked XLA form's gradients (same inputs);
   2. timing: jit once, 3 warm-up calls, then --repeats calls each ended by jax.block_until_ready;
      median (min, max) in ms, Pallas and XLA side by side, fwd and fwd+bwd (value_and_grad of
-     sum(o * r), r random, w.r.t. q, k, v, g, beta);
+     sum(o * r), r random, w.r.t. q, k, v, g, beta); also the floor of such a timed call (a
+     jitted x + 1 on 8 floats: dispatch and synchronisation, no real GPU work);
   3. --breakdown: every Pallas kernel timed alone (forward: UT transform, state walk, outputs;
      backward: P^T dO, dS walk, dq/dk/dW, WY part) at --breakdown-shapes (default: all);
   3b. --profile: a ``jax.profiler`` trace of 5 Pallas fwd and 5 fwd+bwd calls per shape, read back
@@ -196,6 +197,8 @@ class Results:
         with open(os.path.join(self.out_dir, "bench_gated_delta_kernel.json"), "w") as f:
             json.dump(self.data, f, indent=1)
         lines = [f"# gated delta rule kernel, {self.data['device']} (jax {self.data['jax']})", "",
+                 f"Timed-call floor (a jitted x + 1 on 8 floats, same timing): "
+                 f"{self.data.get('call_floor_ms', '-')} ms.", "",
                  "| B,T,H,dk,dv | UT kernel | pallas fwd ms | xla fwd ms | pallas fwd+bwd ms | "
                  "xla fwd+bwd ms |", "| --- | --- | --- | --- | --- | --- |"]
         by, xla = {}, {}
@@ -268,6 +271,9 @@ def main():
     ut_configs = {k_: dataclasses.replace(base, ut_kernel=k_) for k_ in ut_kernels}  # validates
     res = Results(args.out)
     print("device:", res.data["device"], "backend:", res.data["backend"], flush=True)
+    # What one timed call costs with (almost) no GPU work: jit dispatch + block_until_ready.
+    res.data["call_floor_ms"] = round(time_fn(jax.jit(lambda x: x + 1), (jnp.ones((8,)),),
+                                              args.repeats)["median_ms"], 4)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
 
     for si, shape in enumerate(shapes):
