@@ -370,7 +370,7 @@ def _run_op(rule, op, q, k, v, g, beta, *, scale, initial_state, output_final_st
                                      out_dtype=v.dtype, **qk)
         o = o[:, packing.positions]
         final = None if final is None else final[0]
-    return o.astype(v.dtype), final
+    return o, final   # already in v's dtype (out_dtype above)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
