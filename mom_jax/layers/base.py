@@ -104,13 +104,19 @@ class RecurrentMixer(nnx.Module):
         qkv: [..., 2Kd+Vd]; extra: [..., nb+na] raw; valid: bool [...] or None.
         qk_in_op: leave q, k raw (qkv's dtype) for an op that normalises them itself
           (``_recurrence``: q <- l2norm(q) * q_scale, k <- l2norm(k) inside the op, the same
-          function); k is still zeroed where not valid (l2norm(0) = 0).
+          function); q, k, v are zeroed where not valid either way (l2norm(0) = 0).
         Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5; raw with
         qk_in_op); v: [..., H, dv]; g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None;
         beta: [..., H] float32 or None.
         """
         kd, h = self.key_dim, self.num_heads
         lead = qkv.shape[:-1]
+        if valid is not None:
+            # One select over the whole [..., C] stream (q too: outputs of invalid slots are never
+            # read).  Masking k and v after the split and the head reshape made XLA on GPU emit
+            # each select as transpose -> select -> transpose (0.33 ms per tensor in the MoM
+            # layer, benchmarks/NOTES.md, session 7).
+            qkv = jnp.where(valid[..., None], qkv, 0)
         # One split: its VJP is one concatenation, where three slices' VJPs are three
         # stream-sized pads added together (benchmarks/NOTES.md, session 5).
         q, k, v = jnp.split(qkv, [kd, 2 * kd], axis=-1)
@@ -134,7 +140,7 @@ class RecurrentMixer(nnx.Module):
             def mask(x):
                 return None if x is None else jnp.where(
                     valid.reshape(valid.shape + (1,) * (x.ndim - valid.ndim)), x, 0)
-            k, v, g, beta = mask(k), mask(v), mask(g), mask(beta)
+            g, beta = mask(g), mask(beta)
         return q, k, v, g, beta
 
     def _activate_stream(self, qkv_raw, rank):
