@@ -13,7 +13,9 @@ What it does, in one process:
   2. timing: jit once, 3 warm-up calls, then --repeats calls each ended by jax.block_until_ready;
      median (min, max) in ms, Pallas and XLA side by side, fwd and fwd+bwd (value_and_grad of
      sum(o * r), r random, w.r.t. q, k, v, g, beta); also the floor of such a timed call (a
-     jitted x + 1 on 8 floats: dispatch and synchronisation, no real GPU work);
+     jitted x + 1 on 8 floats: dispatch and synchronisation, no real GPU work); for Pallas also
+     the queued time (``timing.time_queued``: 10 rounds of 10 calls issued back to back, one
+     block per round, median per-call time: the host round trip is not in every call);
   3. --breakdown: every Pallas kernel timed alone (forward: UT transform, state walk, outputs;
      backward: P^T dO, dS walk, dq/dk/dW, WY part) at --breakdown-shapes (default: all);
   3b. --profile: a ``jax.profiler`` trace of 5 Pallas fwd and 5 fwd+bwd calls per shape, read back
@@ -46,7 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.profile_layer import profile_calls  # noqa: E402
-from benchmarks.timing import time_fn  # noqa: E402
+from benchmarks.timing import time_fn, time_queued  # noqa: E402
 from mom_jax import ops  # noqa: E402
 from mom_jax.ops import common as ops_common  # noqa: E402
 from mom_jax.ops import scan as ops_scan  # noqa: E402
@@ -90,20 +92,20 @@ def breakdown(shape, config, repeats):
     forward UT transform (T, W, U; ``config.ut_kernel``; also without T, as the inference forward
     runs it: ut_transform_no_t, and for "split" each of its three launches: ut_gram, ut_inverse,
     ut_apply; these are not part of the sums), state walk (h, v_new), outputs; backward
-    P^T dO, dS walk, dq/dk/dW, WY part."""
+    P^T dO, dS walk, dq/dk/dW, WY part.  The forward kernels take the raw q, k and apply the
+    L2-norm and the q scale themselves (as the op does); the backward ones take q, k normalised."""
     from mom_jax.ops.common import rows_layout  # noqa: PLC0415
     from pallas_kernels.gated_delta import common as cm  # noqa: PLC0415
     from pallas_kernels.gated_delta import triton_bwd, triton_common, triton_fwd  # noqa: PLC0415
     (q, k, v, g, beta), r = make_inputs(shape)
     b, t, h, dk, dv = shape
     chunk = 64
-    q = ops_common.l2norm(q) * dk ** -0.5
-    k = ops_common.l2norm(k)
     layout = rows_layout(b, t, chunk)
-    qp, kp, vp, beta_t, gcum_t, _, _ = gd_api._prepare(q, k, v, g, beta, None, chunk)
     interp = gd_api._interpret()
     op = triton_common.operand_dtype(config.precision, interp)
-    qp, kp, vp = (x.astype(op) for x in (qp, kp, vp))
+    qp, kp, vp, beta_t, gcum_t, _ = gd_api._prepare(q, k, v, g, beta, None, chunk, op)
+    qn = (ops_common.l2norm(q) * dk ** -0.5).astype(op)   # the backward kernels' q', k'
+    kn = ops_common.l2norm(k).astype(op)
     do = r.astype(op)
     lo, hi, seg, first = cm.segment_ranges(layout)
     last = layout.chunk_last().astype(jnp.int32)
@@ -123,26 +125,27 @@ def breakdown(shape, config, repeats):
 
     ut = dict(ut_precision=config.ut_precision, num_warps=config.ut_warps(), block_k=bk,
               block_v=pbv, kernel=config.ut_kernel, wu_num_warps=config.par_num_warps, **prec)
-    tm, w, u = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
-        kk, vv, bb, gg, chunk, **ut), kp, vp, beta_t, gcum_t)
+    tm, w, u, rk = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
+        kk, vv, bb, gg, chunk, l2norm=True, **ut), kp, vp, beta_t, gcum_t)
     timed("ut_transform_no_t", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
-        kk, vv, bb, gg, chunk, with_t=False, **ut), kp, vp, beta_t, gcum_t)
+        kk, vv, bb, gg, chunk, with_t=False, l2norm=True, **ut), kp, vp, beta_t, gcum_t)
     if config.ut_kernel == "split":  # its three launches alone (not part of the sums)
-        a = timed("ut_gram", lambda kk, bb, gg: triton_fwd.ut_gram(
+        a, _ = timed("ut_gram", lambda kk, bb, gg: triton_fwd.ut_gram(
             kk, bb, gg, chunk, num_warps=config.par_num_warps, ut_precision=config.ut_precision,
-            block_k=bk, interpret=interp), kp, beta_t, gcum_t)
+            block_k=bk, interpret=interp, l2norm=True), kp, beta_t, gcum_t)
         timed("ut_inverse", lambda aa: triton_fwd.ut_inverse(
             aa, chunk, t_dtype=op, num_warps=config.ut_warps(),
             ut_precision=config.ut_precision, interpret=interp), a)
-        timed("ut_apply", lambda kk, vv, bb, gg, tt: triton_fwd.ut_apply(
-            kk, vv, bb, gg, tt, chunk, u_dtype=op, num_warps=config.par_num_warps,
-            block_k=bk, block_v=pbv, **prec), kp, vp, beta_t, gcum_t, tm)
-    hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg: triton_fwd.state_walk(
+        timed("ut_apply", lambda kk, vv, bb, gg, tt, rr: triton_fwd.ut_apply(
+            kk, vv, bb, gg, tt, chunk, rk=rr, u_dtype=op, num_warps=config.par_num_warps,
+            block_k=bk, block_v=pbv, **prec), kp, vp, beta_t, gcum_t, tm, rk)
+    hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg, rr: triton_fwd.state_walk(
         kk, ww, uu, gg, None, lo, hi, seg, first, chunk=chunk, num_segments=1, block_v=bv,
-        num_warps=config.num_warps, num_stages=config.num_stages, block_k=bk, **prec),
-        kp, w, u, gcum_t)
-    timed("chunk_output", lambda *a: triton_fwd.chunk_output(*a, seg, **par),
-          qp, kp, gcum_t, hs, v_new)
+        num_warps=config.walk_warps(dk, bv), num_stages=config.num_stages, block_k=bk, rk=rr, **prec),
+        kp, w, u, gcum_t, rk)
+    timed("chunk_output", lambda *a: triton_fwd.chunk_output(
+        *a[:5], seg, rk=a[5], q_scale=dk ** -0.5, **par), qp, kp, gcum_t, hs, v_new, rk)
+    qp, kp = qn, kn
     dvl, qdo = timed("bwd_dv_local", lambda *a: triton_bwd.dv_local(
         *a, seg, with_qdo=config.bwd_qdo, **bpar), qp, kp, gcum_t, do)
     dfinal = jax.random.normal(jax.random.PRNGKey(3), (b, 1, h, dk, dv), jnp.float32)
@@ -150,7 +153,7 @@ def breakdown(shape, config, repeats):
     walk_in = (qdo,) if config.bwd_qdo else (qp, do)
     dh, du, _ = timed("bwd_state_walk", lambda kk, ww, gg, dd, df, *qa: triton_bwd.state_grad_walk(
         kk, ww, gg, dd, df, lo, hi, seg, first, last, chunk=chunk, num_segments=1, block_v=bvb,
-        has_init=False, num_warps=config.num_warps, block_k=bk, num_stages=stages,
+        has_init=False, num_warps=config.walk_warps(dk, bvb), block_k=bk, num_stages=stages,
         **(dict(qdo=qa[0]) if config.bwd_qdo else dict(q=qa[0], do=qa[1])), **prec),
         kp, w, gcum_t, dvl, dfinal, *walk_in)
     _, dkd, dw, _, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **bpar),
@@ -199,17 +202,20 @@ class Results:
         lines = [f"# gated delta rule kernel, {self.data['device']} (jax {self.data['jax']})", "",
                  f"Timed-call floor (a jitted x + 1 on 8 floats, same timing): "
                  f"{self.data.get('call_floor_ms', '-')} ms.", "",
-                 "| B,T,H,dk,dv | UT kernel | pallas fwd ms | xla fwd ms | pallas fwd+bwd ms | "
-                 "xla fwd+bwd ms |", "| --- | --- | --- | --- | --- | --- |"]
+                 "| B,T,H,dk,dv | UT kernel | pallas fwd ms | queued | xla fwd ms | "
+                 "pallas fwd+bwd ms | queued | xla fwd+bwd ms |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         by, xla = {}, {}
         for r in self.data["timing"]:
             if r["impl"] == "xla":
                 xla[(r["shape"], r["what"])] = r["median_ms"]
             else:
-                by.setdefault((r["shape"], r.get("ut_kernel", "-")), {})[r["what"]] = r["median_ms"]
+                d = by.setdefault((r["shape"], r.get("ut_kernel", "-")), {})
+                d[r["what"]] = r["median_ms"]
+                d[r["what"] + "_queued"] = r.get("queued_median_ms")
         for (shape, utk), d in by.items():
-            cells = [d.get("fwd"), xla.get((shape, "fwd")), d.get("fwdbwd"),
-                     xla.get((shape, "fwdbwd"))]
+            cells = [d.get("fwd"), d.get("fwd_queued"), xla.get((shape, "fwd")), d.get("fwdbwd"),
+                     d.get("fwdbwd_queued"), xla.get((shape, "fwdbwd"))]
             lines.append(f"| {shape} | {utk} | "
                          + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
         lines += ["", "| B,T,H,dk,dv | UT kernel | o vs fp32 scan | grads vs fp32 XLA "
@@ -316,7 +322,8 @@ def main():
             for what, fn in (("fwd", pf), ("fwdbwd", pg)):
                 try:
                     res.add("timing", dict(shape=name, impl="pallas", ut_kernel=utk, what=what,
-                                           **time_fn(fn, inputs, args.repeats)))
+                                           **time_fn(fn, inputs, args.repeats),
+                                           **time_queued(fn, inputs)))
                     if args.profile:
                         res.add("profile", dict(shape=name, ut_kernel=utk, what=what,
                                                 **profile_calls(fn, inputs, 5)))

@@ -6,21 +6,21 @@ use_qk_l2norm, scale, out_dtype)`` follows the ``mom_jax.ops.packed_recurrence``
 delta rule), beta [B, L, H], initial_state [B, S, H, dk, dv] or None.  Returns (o [B, L, H, dv] in
 out_dtype (default float32), final state or None).
 
-q/k L2-norm in the op (``use_qk_l2norm=True``: q <- l2norm(q) * scale, k <- l2norm(k), eps 1e-6).
-This is the scheme of flash-linear-attention's ``use_qk_l2norm_in_kernel``: the normalisation is
-part of the op's forward and backward, not re-done inside each kernel's loads.  Here it runs in
-the XLA pre-pass ``_prepare``, on the same elementwise path as the padding of the head dims to
-powers of two and the cast to the kernels' operand dtype (so XLA can do all of it in one pass over
-q/k; how it fuses the row reduction is its choice, not checked on a GPU yet), and yields the
-per-row inverse norms rstd ([B, L, H] float32).  The custom VJP keeps the raw q/k and rstd (not a
-float32 normalised copy) and applies the
-L2-norm Jacobian dx = rstd * (dy - y <dy, y>) (y = x * rstd, dy including the q scale) to dq/dk in
-the same XLA pass that slices off the head-dim padding.  fla saves the normalised q/k instead of
-the raw ones; the Jacobian is the same.  The kernels themselves do not normalise: every kernel tiles
-the key dim (``Config.block_k``), so a row norm inside them would need a cross-tile reduction in
-each of the seven kernels that load q or k (and the dq/dk kernel's grid splits dk across programs,
-so its Jacobian could not be applied there), while the pre-pass already reads and writes q/k once
-for the padding and the operand cast.
+q/k L2-norm in the op (``use_qk_l2norm=True``: q <- l2norm(q) * scale, k <- l2norm(k), eps 1e-6),
+as flash-linear-attention's ``use_qk_l2norm_in_kernel``: the normalisation is part of the op's
+forward and backward.
+  * Triton forward: no XLA pass over q/k at all (bf16 inputs with power-of-two head dims).  The
+    norms are row scales, so the kernels dot the raw q, k and scale float32 results: the Gram
+    kernel (``triton_fwd.ut_gram``) takes rstd_k = 1/sqrt(|k|^2 + eps) from the diagonal of each
+    chunk's K K^T and scales A by rstd_i rstd_j; W's row scale, the walk's K^T diag(.) v_new and
+    the output kernel's Q K^T take rstd_k too; the output kernel computes rstd_q from its q tiles
+    and folds rstd_q * scale into its two dot results.  Both rstd come back ([B, L, H] float32).
+  * Triton backward: its kernels take the normalised, scaled q', k' in the operand dtype, which
+    ``_core_bwd`` rebuilds from the raw q, k and the two rstd in one elementwise XLA pass.
+  * Mosaic: the normalisation runs in XLA beside the kernel's head-major transposes.
+The custom VJP keeps the raw q/k and rstd (not a normalised copy) and applies the L2-norm Jacobian
+dx = rstd * (dy - y <dy, y>) (y = x * rstd, dy including the q scale) to dq/dk in the XLA pass
+that slices off the head-dim padding, with the row sums <dy, y> the backward kernels emit.
 
 Backends: "triton" (GPU; on CPU in interpret mode), "mosaic" (TPU; on CPU in TPU interpret mode).
 The backward pass is either the Pallas backward kernels (``Config.bwd="pallas"``: four Triton
@@ -76,7 +76,9 @@ class Config:
     par_block_v: value block that the chunk-parallel kernels loop over inside a program.
     block_k: key-dimension tile (the state is held as dk/block_k tiles; the dq/dk kernel's grid
       splits dk into blocks of this size).
-    num_warps, num_stages: the two sequential walks (forward state walk, backward dS walk).
+    num_warps: warps of the two sequential walks (forward state walk, backward dS walk); None:
+      ``walk_warps``' rule (8 for a [256, 64] state block, else 4).
+    num_stages: software-pipelining stages of the two walks.
     par_num_warps: the chunk-parallel forward kernels (outputs, the A and W/U kernels of
       ut_kernel="split"; the UT transform with ut_kernel="masked" unless ut_num_warps is set).
     bwd_par_num_warps: the chunk-parallel backward kernels (P^T dO, dq/dk/dW, WY backward;
@@ -101,7 +103,7 @@ class Config:
     ut_num_warps: int | None = None
     block_v: int | None = None
     block_k: int = 64
-    num_warps: int = 4
+    num_warps: int | None = None
     num_stages: int = 2
     par_num_warps: int = 4
     par_block_v: int = 64
@@ -117,7 +119,7 @@ class Config:
         if self.ut_kernel not in UT_KERNELS:
             raise ValueError(f"Config.ut_kernel must be one of {UT_KERNELS}, "
                              f"got {self.ut_kernel!r}")
-        for name in ("ut_num_warps", "bwd_par_num_warps"):
+        for name in ("ut_num_warps", "bwd_par_num_warps", "num_warps"):
             warps = getattr(self, name)
             if warps is not None and (warps < 1 or warps & (warps - 1)):
                 raise ValueError(f"Config.{name} must be None or a power of two >= 1, got "
@@ -125,15 +127,24 @@ class Config:
 
     def walk_block_v(self, dk: int, dv: int, walks: int, *, backward: bool = False) -> int:
         """Value block of a Triton walk program: ``bwd_block_v`` (backward) or ``block_v`` if set,
-        else 64 where dk <= 128 (a [dk, 64] float32 state fits the registers of 4 warps) and the
-        walk still has at least ``WALK_MIN_PROGRAMS`` programs of 64 value columns, else 32; at
-        most dv.  walks: the number of sequential walks, B * S * H (run 7: 64 is 14% faster
-        fwd+bwd at B8 T2048 H16 dk 128 = 256 programs, slower at dk 256 and with 64 programs)."""
+        else 64 where dk <= 256 and the walk still has at least ``WALK_MIN_PROGRAMS`` programs of
+        64 value columns, else 32; at most dv.  walks: the number of sequential walks, B * S * H.
+        Run 7: 64 is 14% faster fwd+bwd at B8 T2048 H16 dk 128 (256 programs), slower with 64 or
+        128 programs; session 7: with 8 warps (``walk_warps``) also faster at dk 256 in the MoM
+        layer (640 programs of 64 columns)."""
         set_v = (self.bwd_block_v or self.block_v) if backward else self.block_v
         if set_v:
             return min(dv, set_v)
-        wide = dk <= 128 and walks * max(dv // 64, 1) >= WALK_MIN_PROGRAMS
+        wide = dk <= 256 and walks * max(dv // 64, 1) >= WALK_MIN_PROGRAMS
         return min(dv, 64 if wide else 32)
+
+    def walk_warps(self, dk: int, block_v: int) -> int:
+        """Warps of a Triton walk program: ``num_warps`` if set, else 8 where the float32 state
+        block [dk, block_v] is larger than [128, 64] (a [256, 64] block does not fit the registers
+        of 4 warps), else 4."""
+        if self.num_warps is not None:
+            return self.num_warps
+        return 8 if dk * block_v > 128 * 64 else 4
 
     def bwd_par_warps(self) -> int:
         """Warps of the chunk-parallel backward kernels (resolves ``bwd_par_num_warps=None``)."""
@@ -209,20 +220,29 @@ def _qk_out(dq, dk, q, k, rstd, scale: float, rowdots=None):
     return dq.astype(q.dtype), dk.astype(k.dtype)
 
 
-def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16, *, qk_norm: bool = False,
-             scale: float = 1.0):
-    """The XLA pre-pass: q/k features (``_qk_in``: float32, L2-normalised with ``qk_norm``, q
-    scaled), head dims padded to powers of two (>= pad_to), the chunk-local cumsum, gates
-    transposed.
+def _padded_dim(d: int, pad_to: int = 16) -> int:
+    """The kernels' head dim for a given one: the next power of two, at least pad_to."""
+    return max(pad_to, cm.next_pow2(d))
 
-    Returns (q, k [B, L, H, dkp] float32, v [B, L, H, dvp], beta_t, gcum_t [B, H, L] float32,
-    init [B, S, H, dkp, dvp] float32 or None, rstd: (rstd_q, rstd_k) [B, L, H] float32 or None).
+
+def _operands(x, dtype, size: int):
+    """x [..., d] cast to the kernels' operand dtype and zero-padded to ``size`` in the last dim
+    (nothing when it is already both)."""
+    return cm.pad_last(x if x.dtype == dtype else x.astype(dtype), size)
+
+
+def _prepare(q, k, v, g, beta, init, chunk: int, op_dtype):
+    """The Triton forward's XLA pre-pass: q, k, v cast to op_dtype and their head dims padded to
+    powers of two >= 16 (no pass at all for bfloat16 inputs with power-of-two head dims and bf16
+    dots); the chunk-local cumsum; gates transposed.  The q/k L2-norm and the q scale are not
+    applied here: the kernels apply them (``triton_fwd``).
+
+    Returns (q, k [B, L, H, dkp], v [B, L, H, dvp] in op_dtype, beta_t, gcum_t [B, H, L] float32,
+    init [B, S, H, dkp, dvp] float32 or None).
     """
-    dk, dv = q.shape[-1], v.shape[-1]
-    dkp, dvp = max(pad_to, cm.next_pow2(dk)), max(pad_to, cm.next_pow2(dv))
-    q, k, rstd = _qk_in(q, k, qk_norm, scale)
-    q, k = cm.pad_last(q, dkp), cm.pad_last(k, dkp)
-    v = cm.pad_last(v, dvp)
+    dk = q.shape[-1]
+    dkp, dvp = _padded_dim(dk), _padded_dim(v.shape[-1])
+    q, k, v = _operands(q, op_dtype, dkp), _operands(k, op_dtype, dkp), _operands(v, op_dtype, dvp)
     if init is not None:
         init = cm.pad_last(init.astype(F32), dvp)
         if dkp != dk:
@@ -230,7 +250,7 @@ def _prepare(q, k, v, g, beta, init, chunk: int, pad_to: int = 16, *, qk_norm: b
     gcum = (jnp.zeros(beta.shape, F32) if g is None else cm.chunk_cumsum(g, chunk))
     beta_t = jnp.transpose(beta.astype(F32), (0, 2, 1))
     gcum_t = jnp.transpose(gcum, (0, 2, 1))
-    return q, k, v, beta_t, gcum_t, init, rstd
+    return q, k, v, beta_t, gcum_t, init
 
 
 def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config: Config,
@@ -253,35 +273,40 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
         # Residual for the Mosaic backward: the chunk-start states (q', k' are recomputed there
         # from the raw q, k and rstd, as ``_xla_vjp`` does).
         return o.astype(out_dtype), final, (tuple(h) if store else None), rstd
-    qp, kp, vp, beta_t, gcum_t, initp, rstd = _prepare(q, k, v, g, beta, init, chunk,
-                                                       qk_norm=qk_norm, scale=scale)
-    # The kernels use q, k, v only as dot operands (plus elementwise terms of dg/dbeta): with bf16
-    # dots, store them rounded once instead of loading fp32 tiles in every program.  A = K K^T
-    # (UT transform) takes the same bf16 K: its products are exact in the float32 accumulator.
+    # The kernels use q, k, v only as dot operands: with bf16 dots they take them in bf16 (a cast
+    # only for float32 inputs).  A = K K^T (UT transform) takes the same bf16 K: its products are
+    # exact in the float32 accumulator.  The L2-norm (qk_norm) and the q scale are applied inside
+    # the kernels as row scales of float32 dot results: the Gram kernel computes the key norms
+    # from its diagonal, the output kernel the query norms from its q tiles.
     op_dtype = triton_common.operand_dtype(config.precision, interpret)
-    qp, kp, vp = (x.astype(op_dtype) if x.dtype != op_dtype else x for x in (qp, kp, vp))
+    qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk, op_dtype)
     dkp, dvp = qp.shape[-1], vp.shape[-1]
     block_v = config.walk_block_v(dkp, dvp, qp.shape[0] * num_segments * qp.shape[2])
     par_block_v = min(dvp, config.par_block_v)
     block_k = min(dkp, config.block_k)
     lo, hi, seg, first = cm.segment_ranges(layout)
     store = for_bwd and config.bwd == "pallas"
-    t, w, u = triton_fwd.ut_transform(kp, vp, beta_t, gcum_t, chunk, interpret=interpret,
-                                      num_warps=config.ut_warps(),
-                                      ut_precision=config.ut_precision,
-                                      precision=config.precision, with_t=store,
-                                      block_k=block_k, block_v=par_block_v,
-                                      kernel=config.ut_kernel,
-                                      wu_num_warps=config.par_num_warps)
+    t, w, u, rk = triton_fwd.ut_transform(kp, vp, beta_t, gcum_t, chunk, interpret=interpret,
+                                          num_warps=config.ut_warps(),
+                                          ut_precision=config.ut_precision,
+                                          precision=config.precision, with_t=store,
+                                          block_k=block_k, block_v=par_block_v,
+                                          kernel=config.ut_kernel,
+                                          wu_num_warps=config.par_num_warps, l2norm=qk_norm)
     h, v_new, final = triton_fwd.state_walk(
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,
-        num_warps=config.num_warps, num_stages=config.num_stages, block_k=block_k)
-    o = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
-                                precision=config.precision, interpret=interpret,
-                                num_warps=config.par_num_warps, block_k=block_k,
-                                block_v=par_block_v, out_dtype=out_dtype)
-    extra = (qp, kp, vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None
+        num_warps=config.walk_warps(dkp, block_v), num_stages=config.num_stages,
+        block_k=block_k, rk=rk)
+    o, rq = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
+                                    precision=config.precision, interpret=interpret,
+                                    num_warps=config.par_num_warps, block_k=block_k,
+                                    block_v=par_block_v, out_dtype=out_dtype, rk=rk,
+                                    q_scale=scale)
+    # Residuals for the Pallas backward; its kernels take the normalised, scaled q', k', which
+    # ``_core_bwd`` rebuilds from the raw q, k and these norms (one elementwise XLA pass).
+    extra = (vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None
+    rstd = (rq, rk) if qk_norm else None
     return o[..., :dv], final[..., :dk, :dv], extra, rstd
 
 
@@ -342,10 +367,15 @@ def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, out_dtype, res
     backend = _backend(config)
     rowdots = None
     if use_pallas and backend == "triton":
-        from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
-        *grads, rowdots = triton_bwd.backward(res[:8], do, dfinal, num_segments=num_segments,
-                                              chunk=chunk, has_g=has_g, config=config,
-                                              interpret=_interpret())
+        from pallas_kernels.gated_delta import triton_bwd, triton_common  # noqa: PLC0415
+        interpret = _interpret()
+        op_dtype = triton_common.operand_dtype(config.precision, interpret)
+        dkp = _padded_dim(q.shape[-1])
+        qn, kn = _qk_in_from_rstd(q, k, rstd, scale)   # the forward kernels' q', k'
+        extra = (_operands(qn, op_dtype, dkp), _operands(kn, op_dtype, dkp), *res[7])
+        *grads, rowdots = triton_bwd.backward((*res[:7], extra), do, dfinal,
+                                              num_segments=num_segments, chunk=chunk,
+                                              has_g=has_g, config=config, interpret=interpret)
     elif use_pallas and backend == "mosaic":
         grads = _mosaic_bwd(res, do, dfinal, num_segments, chunk, has_g, config, scale)
     else:

@@ -449,7 +449,7 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     walk_in = dict(qdo=qdo) if config.bwd_qdo else dict(q=qp, do=do_p)
     dh, du, dinit = state_grad_walk(
         kp, w, gcum_t, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
-        block_v=block_v, has_init=has_init, num_warps=config.num_warps,
+        block_v=block_v, has_init=has_init, num_warps=config.walk_warps(dkp, block_v),
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize), **walk_in,
         **common)
     dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mom_jax.ops.common import L2NORM_EPS
 from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
@@ -135,6 +136,23 @@ def causal_qk(q_ref, k_ref, rows, key_cols: list, gates: "Gates", mm):
     return qs, p * gates.causal()
 
 
+def gram_rstd(kk: jax.Array) -> jax.Array:
+    """Per-row inverse L2 norms rstd_i = 1 / sqrt(k_i.k_i + eps) [C] float32 from the Gram matrix
+    kk = K K^T [C, C] (its diagonal; with bfloat16 K the products are exact in float32)."""
+    c = kk.shape[0]
+    diag = jnp.sum(jnp.where(cm.iota2(c, c, 0) == cm.iota2(c, c, 1), kk, 0.0), axis=1)
+    return jax.lax.rsqrt(diag + L2NORM_EPS)
+
+
+def tiles_rstd(row_tiles: list) -> jax.Array:
+    """Per-row inverse L2 norms [C] float32 of rows split over key tiles ([C, BK] each)."""
+    ss = None
+    for x in row_tiles:
+        part = jnp.sum(jnp.square(x.astype(F32)), axis=1)
+        ss = part if ss is None else ss + part
+    return jax.lax.rsqrt(ss + L2NORM_EPS)
+
+
 def last_row_mask(c: int):
     """[C] bool: True at the chunk's last position."""
     return jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
@@ -170,6 +188,11 @@ class WalkSpecs:
         """A [B, H, L] gate of the program's row and head: [L]."""
         return pl.BlockSpec((None, None, self.l), lambda p, i, j: (self.row(p), i, 0))
 
+    def row_vector(self):
+        """A [B, L, H] per-token float32 vector (the inverse key norms) of the program's row and
+        head: [L]."""
+        return pl.BlockSpec((None, self.l, None), lambda p, i, j: (self.row(p), 0, i))
+
     def per_chunk_states(self, dk: int, bv: int):
         """[B, H, Nc, dk, dv] per-chunk states, the program's value block: [Nc, dk, BV]."""
         return pl.BlockSpec((None, None, self.nc, dk, bv),
@@ -199,6 +222,11 @@ class ChunkSpecs:
         """The chunk of a [B, L, H, d] sequence: [C, d] (blocked: block j of the last dim)."""
         return pl.BlockSpec((None, self.chunk, None, d),
                             lambda p, i, *j: (*self._rc(p), i, j[0] if blocked else 0))
+
+    def row_vector(self):
+        """The chunk of a [B, L, H] per-token float32 vector (inverse q/k norms): [C]."""
+        return pl.BlockSpec((None, self.chunk, None),
+                            lambda p, i, *j: (p // self.nc, p % self.nc, i))
 
     def gate(self):
         """The chunk of a [B, H, L] gate: [C]."""
