@@ -1,10 +1,11 @@
 """Where does the MoM layer's forward+backward time go?  GPU-kernel profile of one jitted call.
 
   python -m benchmarks.profile_layer [--memories 4] [--shape 8x2048] [--impl auto] [--conv pallas]
-                                    [--out F]
+                                    [--what fwdbwd|fwd] [--kernel-config JSON] [--out F]
 
 Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, dense routed
-projections, bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``), records a
+projections, bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``; ``--what fwd``: the
+forward alone), with ``--kernel-config`` fields over the Pallas kernels' default ``Config``, records a
 ``jax.profiler`` trace of ``--calls`` calls and reads it back (``profile_decode.kernel_events``):
 GPU kernels grouped by name (count and ms per call, largest first) and by kind -- the Pallas gated
 delta kernels (``gdn_*``), the Pallas short-conv kernels (``short_conv_*``), matmuls (cuBLAS /
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import re
 import tempfile
@@ -27,6 +29,7 @@ from flax import nnx
 from benchmarks.bench_layer import conv_impl, layer_fns
 from benchmarks.profile_decode import kernel_events
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+from pallas_kernels import gated_delta as gd_kernels
 
 
 def kind_of(name: str) -> str:
@@ -40,9 +43,9 @@ def kind_of(name: str) -> str:
     return "other XLA kernels"
 
 
-def profile(layer, batch: int, seq: int, dim: int, calls: int) -> dict:
-    _, fwd_bwd, args = layer_fns(layer, batch, seq, dim)
-    return profile_calls(fwd_bwd, args, calls)
+def profile(layer, batch: int, seq: int, dim: int, calls: int, what: str = "fwdbwd") -> dict:
+    fwd, fwd_bwd, args = layer_fns(layer, batch, seq, dim)
+    return profile_calls(fwd_bwd if what == "fwdbwd" else fwd, args, calls)
 
 
 def profile_calls(fn, args, calls: int) -> dict:
@@ -86,8 +89,13 @@ def main():
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--conv", default="pallas", help="short conv: pallas (kernel where the impl "
                     "picks it) or xla")
+    ap.add_argument("--what", default="fwdbwd", choices=("fwdbwd", "fwd"))
+    ap.add_argument("--kernel-config", default="{}",
+                    help="JSON fields of pallas_kernels.gated_delta.Config over its defaults")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    gd_kernels.set_default_config(dataclasses.replace(gd_kernels.get_default_config(),
+                                                      **json.loads(args.kernel_config)))
     b, t = (int(v) for v in args.shape.split("x"))
     d, h, dk = 1024, 4, 256
     dev = jax.devices()[0].device_kind
@@ -104,7 +112,7 @@ def main():
         else:
             raise SystemExit(f"--layers: unknown layer {name!r} (mom, gdn)")
         with conv_impl(args.conv):
-            r = profile(layer, b, t, d, args.calls)
+            r = profile(layer, b, t, d, args.calls, args.what)
         results[name] = r
         print(f"\n{name} B{b} T{t}: wall {r['wall_ms_per_call']} ms/call, GPU busy "
               f"{r['gpu_busy_ms_per_call']} ms, {r['kernels_per_call']:.0f} kernels")
@@ -115,7 +123,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev, jax=jax.__version__, shape=args.shape, impl=args.impl,
-                           conv=args.conv,
+                           conv=args.conv, what=args.what, kernel_config=args.kernel_config,
                            results=results), f, indent=1)
 
 
