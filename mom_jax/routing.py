@@ -132,15 +132,21 @@ def plan_dispatch(indices: jax.Array, num_memories: int, chunk_size: int,
                         slot_token, slot_rank, layout, l_routed, e, shared)
 
 
-def _gather_index(idx: jax.Array, ndim: int) -> jax.Array:
-    """Clamps -1 entries of an int32 [B, M] index to 0 and appends ``ndim - 2`` unit axes."""
-    idx = jnp.maximum(idx, 0)
-    return idx.reshape(idx.shape + (1,) * (ndim - 2))
+def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """out[b, m] = x[b, idx[b, m]]: x [B, S, ...], idx int32 [B, M] (entries < 0 read row 0).
+
+    One gather of whole rows from x flattened to [B*S, ...] (what ``take_along_axis`` along axis 1
+    means here, without the NaN-fill select of its default mode: on GPU, XLA emitted the
+    take_along_axis form of the stream gathers as transposing fusions).  Returns [B, M, ...]."""
+    b, s = x.shape[:2]
+    flat = x.reshape((b * s,) + x.shape[2:])
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None] * s + jnp.maximum(idx, 0)
+    return jnp.take(flat, rows.reshape(-1), axis=0, mode="clip").reshape(idx.shape + x.shape[2:])
 
 
 def _gather_rows_impl(x, src):
     valid = (src >= 0).reshape(src.shape + (1,) * (x.ndim - 2))
-    return jnp.where(valid, jnp.take_along_axis(x, _gather_index(src, x.ndim), axis=1), 0)
+    return jnp.where(valid, take_rows(x, src), 0)
 
 
 @jax.custom_vjp
@@ -170,7 +176,7 @@ def _gather_rows_fwd(x, src, inv):
 def _gather_rows_bwd(inv, dout):
     b, s, m = inv.shape
     extra = dout.shape[2:]
-    picked = jnp.take_along_axis(dout, _gather_index(inv.reshape(b, s * m), dout.ndim), axis=1)
+    picked = take_rows(dout, inv.reshape(b, s * m))
     used = (inv >= 0).reshape((b, s * m) + (1,) * len(extra))
     if m == 1:      # at most one reader per source row: a masked gather, no sum
         return jnp.where(used, picked, 0).astype(dout.dtype), None, None
@@ -215,8 +221,8 @@ def dispatch(x: jax.Array, plan: DispatchPlan) -> jax.Array:
 def _combine_impl(o, weights, positions, routed_length, shared):
     b, t, k = positions.shape
     extra = o.shape[2:]
-    pos = positions.reshape(b, t * k, *([1] * len(extra)))
-    picked = jnp.take_along_axis(o, pos, axis=1).reshape((b, t, k) + extra).astype(jnp.float32)
+    picked = take_rows(o, positions.reshape(b, t * k)).reshape((b, t, k) + extra)
+    picked = picked.astype(jnp.float32)
     w = weights.astype(jnp.float32).reshape((b, t, k) + (1,) * len(extra))
     y = jnp.sum(picked * w, axis=2)
     if shared:
@@ -240,8 +246,8 @@ def _combine_bwd(routed_length, shared, res, dy):
     length, extra = o.shape[1], o.shape[2:]
     feat_axes = tuple(range(3, 3 + len(extra)))
     # d weights[b, t, j] = <dy[b, t], o[b, positions[b, t, j]]> (o re-gathered, not saved).
-    pos = positions.reshape(b, t * k, *([1] * len(extra)))
-    picked = jnp.take_along_axis(o, pos, axis=1).reshape((b, t, k) + extra).astype(jnp.float32)
+    picked = take_rows(o, positions.reshape(b, t * k)).reshape((b, t, k) + extra)
+    picked = picked.astype(jnp.float32)
     dw = jnp.sum(picked * dy[:, :, None], axis=feat_axes).astype(weights.dtype)
     # d o[b, l] = w[b, tok, j] * dy[b, tok] for slot l = positions[b, tok, j]; dy[b, t] for the
     # shared slot routed_length + t; zero in padding.  j is found by comparing positions[b, tok].
@@ -252,7 +258,7 @@ def _combine_bwd(routed_length, shared, res, dy):
     slot_w = jnp.sum(jnp.where(hit, w_tok, 0.0), axis=2)                          # [B, L]
     if shared:
         slot_w = jnp.where(jnp.arange(length) >= routed_length, 1.0, slot_w)
-    dy_slot = jnp.take_along_axis(dy, _gather_index(slot_token, dy.ndim), axis=1)  # [B, L, ...]
+    dy_slot = take_rows(dy, slot_token)                                           # [B, L, ...]
     slot_w = slot_w.reshape(slot_w.shape + (1,) * len(extra))
     valid = (slot_token >= 0).reshape(slot_token.shape + (1,) * len(extra))
     do = jnp.where(valid, dy_slot * slot_w, 0.0).astype(o.dtype)
