@@ -270,6 +270,15 @@ def test_ut_kernel_config():
     assert auto.walk_block_v(256, 256, walks=32) == 32           # 128 programs: too few
     assert auto.walk_warps(256, 64) == 8 and auto.walk_warps(256, 32) == 4
     assert auto.walk_warps(128, 64) == 4 and gd_api.Config(num_warps=2).walk_warps(256, 64) == 2
+    # forward walk stages: 3 for dk <= 128 walks of < 256 programs, else 2; the dS walk 2
+    # unless num_stages is set
+    assert auto.walk_stages(128, programs=128) == 3 and auto.walk_stages(128, programs=256) == 2
+    assert auto.walk_stages(256, programs=128) == 2
+    assert gd_api.Config(num_stages=1).walk_stages(128, programs=128) == 1
+    from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
+    assert triton_bwd._bwd_walk_stages(auto, 64, 128, 64, 2) == 2
+    assert triton_bwd._bwd_walk_stages(auto, 64, 256, 32, 2) == 1         # 96 KB per stage
+    assert triton_bwd._bwd_walk_stages(gd_api.Config(num_stages=3), 64, 128, 64, 2) == 3
     with pytest.raises(ValueError, match="num_warps"):
         gd_api.Config(num_warps=3)
     assert auto.walk_block_v(16, 16, walks=1024) == 16

@@ -78,7 +78,9 @@ class Config:
       splits dk into blocks of this size).
     num_warps: warps of the two sequential walks (forward state walk, backward dS walk); None:
       ``walk_warps``' rule (8 for a [256, 64] state block, else 4).
-    num_stages: software-pipelining stages of the two walks.
+    num_stages: software-pipelining stages of the forward state walk (None: ``walk_stages``'
+      rule, 3 for dk <= 128 walks of few programs, else 2) and, where set, of the backward dS
+      walk too.
     par_num_warps: the chunk-parallel forward kernels (outputs, the A and W/U kernels of
       ut_kernel="split"; the UT transform with ut_kernel="masked" unless ut_num_warps is set).
     bwd_par_num_warps: the chunk-parallel backward kernels (P^T dO, dq/dk/dW, WY backward;
@@ -88,7 +90,8 @@ class Config:
       value dim as one block, ``mosaic_bwd``) or "xla" (VJP of the chunked XLA form).
     bwd_block_v: value block of the Triton backward dS walk (None: as block_v).  The Mosaic
       backward always takes the whole value dim as one block.
-    bwd_num_stages: software-pipelining stages of the backward dS walk (None: num_stages, or 1
+    bwd_num_stages: software-pipelining stages of the backward dS walk (None: num_stages if set,
+      else 2; or 1
       where two stages of its q/k/W chunk tiles would need more than ~160 KB of shared memory,
       i.e. dk = 256 with bf16 operands: the ptxas proxy put that at 217 KB of the 227 KB).
     bwd_qdo: precompute Q^T diag(e^G) dO per chunk ([B, H, Nc, dk, dv]) in the chunk-parallel
@@ -104,7 +107,7 @@ class Config:
     block_v: int | None = None
     block_k: int = 64
     num_warps: int | None = None
-    num_stages: int = 2
+    num_stages: int | None = None
     par_num_warps: int = 4
     par_block_v: int = 64
     bwd_par_num_warps: int | None = None
@@ -137,6 +140,18 @@ class Config:
             return min(dv, set_v)
         wide = dk <= 256 and walks * max(dv // 64, 1) >= WALK_MIN_PROGRAMS
         return min(dv, 64 if wide else 32)
+
+    def walk_stages(self, dk: int, programs: int) -> int:
+        """Pipelining stages of the forward state walk: ``num_stages`` if set, else 3 where
+        dk <= 128 (three buffered [C, dk] K and W tiles: 96 KB) and the walk has fewer than
+        ``WALK_MIN_PROGRAMS`` programs (about one per SM: the deeper pipeline hides the load
+        latency that other programs cannot), else 2.  programs: B * S * H * dv / block_v.
+        Session 7 (H100, queued forward): 3 stages 1.40 -> 1.27 ms at B2 T16384 H16 dk 128
+        (128 programs), 0.63 -> 0.66 ms at B8 T2048 H16 (256 programs); at dk 256 three stages
+        would need ~216 KB of shared memory."""
+        if self.num_stages is not None:
+            return self.num_stages
+        return 3 if dk <= 128 and programs < WALK_MIN_PROGRAMS else 2
 
     def walk_warps(self, dk: int, block_v: int) -> int:
         """Warps of a Triton walk program: ``num_warps`` if set, else 8 where the float32 state
@@ -281,7 +296,8 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     op_dtype = triton_common.operand_dtype(config.precision, interpret)
     qp, kp, vp, beta_t, gcum_t, initp = _prepare(q, k, v, g, beta, init, chunk, op_dtype)
     dkp, dvp = qp.shape[-1], vp.shape[-1]
-    block_v = config.walk_block_v(dkp, dvp, qp.shape[0] * num_segments * qp.shape[2])
+    walks = qp.shape[0] * num_segments * qp.shape[2]          # B * S * H sequential walks
+    block_v = config.walk_block_v(dkp, dvp, walks)
     par_block_v = min(dvp, config.par_block_v)
     block_k = min(dkp, config.block_k)
     lo, hi, seg, first = cm.segment_ranges(layout)
@@ -296,7 +312,8 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
     h, v_new, final = triton_fwd.state_walk(
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,
-        num_warps=config.walk_warps(dkp, block_v), num_stages=config.num_stages,
+        num_warps=config.walk_warps(dkp, block_v),
+        num_stages=config.walk_stages(dkp, walks * (dvp // block_v)),
         block_k=block_k, rk=rk)
     o, rq = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
                                     precision=config.precision, interpret=interpret,

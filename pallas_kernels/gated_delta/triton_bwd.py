@@ -409,12 +409,13 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
 
 def _bwd_walk_stages(config, chunk: int, dk: int, block_v: int, itemsize: int) -> int:
     """Pipelining stages of the dS walk: ``config.bwd_num_stages`` if set, else
-    ``config.num_stages`` unless its buffered chunk tiles (k, W and q, or k, W and the [dk, BV]
-    Q^T e^G dO tile) would exceed ~160 KB of shared memory (then 1)."""
+    ``config.num_stages`` if set, else 2 -- unless its buffered chunk tiles (k, W and q, or k, W
+    and the [dk, BV] Q^T e^G dO tile) would exceed ~160 KB of shared memory (then 1)."""
     if config.bwd_num_stages is not None:
         return config.bwd_num_stages
+    stages = 2 if config.num_stages is None else config.num_stages
     per_stage = (2 * chunk * dk + dk * block_v if config.bwd_qdo else 3 * chunk * dk) * itemsize
-    return config.num_stages if per_stage * config.num_stages <= 160 * 1024 else 1
+    return stages if per_stage * stages <= 160 * 1024 else 1
 
 
 def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
