@@ -246,8 +246,9 @@ def packed_recurrence(rule: str, q, k, v, *, g=None, beta=None, layout: PackedLa
       use_qk_l2norm: q <- l2norm(q) * scale, k <- l2norm(k) inside the op (eps
         ``common.L2NORM_EPS`` = 1e-6, float32; gradients are w.r.t. the raw q, k).  Zero rows
         (padding slots) stay zero.  impl "scan"/"xla" normalise with jnp at the entry; the Pallas
-        gated delta kernel normalises in its pre-pass and applies the L2-norm Jacobian in its
-        custom VJP (``pallas_kernels.gated_delta.api``).
+        gated delta kernels normalise inside (GPU: as row scales of their dot results; TPU: in
+        XLA beside the kernel) and apply the L2-norm Jacobian in their custom VJP
+        (``pallas_kernels.gated_delta.api``).
       scale: q scale, applied after the normalisation (default 1.0: q as given).  A number;
         the Pallas kernel applies it (and the normalisation) itself only when it is static (a
         Python number), else XLA does before the kernel.
@@ -384,7 +385,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
       initial_state: [B, H, dk, dv] ([N, H, dk, dv] with cu_seqlens), float32.
       use_qk_l2norm: q <- l2norm(q) * scale, k <- l2norm(k) per head inside the op (eps 1e-6,
         float32; default on for the delta rules, as this API always had).  With impl="pallas"
-        the normalisation runs in the kernel's pre-pass and its custom VJP (see
+        the normalisation runs inside the kernels' op and its custom VJP (see
         ``packed_recurrence``); scan/xla normalise with jnp.
       cu_seqlens: optional int [N+1] offsets of N sequences packed along T (batch must be 1).
     Returns:

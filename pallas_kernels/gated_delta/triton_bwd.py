@@ -422,7 +422,8 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     """Gradients (dq, dk, dv, dg, dbeta, dinit, rowdots) for ``api._gated_delta_core`` from its
     residuals (q, k, v, g, beta, init, chunk_segment, extra).
 
-    dq, dk are w.r.t. the kernels' q, k (after the pre-pass: normalised / scaled, head dim padded):
+    dq, dk are w.r.t. the kernels' q', k' (normalised / scaled, head dim padded; ``api._core_bwd``
+    builds them and passes them first in ``extra``):
     [B, L, H, dkp] float32; ``api._qk_out`` slices them and applies the q scale and the L2-norm
     Jacobian, with rowdots = (<dq, q>, <dk, k>) [B, L, H] float32 summed by the dq/dk/dW and WY
     kernels.  dv [B, L, H, dv] in v's dtype, dg [B, L, H] (None without g), dbeta [B, L, H],
