@@ -209,6 +209,18 @@ def test_gather_vjps_keep_low_precision_dtypes():
     np.testing.assert_allclose(np.float32(dw), np.float32(dw_ref), rtol=1e-2, atol=1e-2)
 
 
+def test_take_rows_matches_take_along_axis():
+    """take_rows (one gather from the flattened array): out[b, m] = x[b, idx[b, m]] for trailing
+    dims of any rank, and row 0 for idx < 0; the lowered forward has no transpose."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (3, 7, 2, 4))
+    idx = jnp.asarray(np.random.default_rng(0).integers(-1, 7, (3, 11)), jnp.int32)
+    ref = np.take_along_axis(np.asarray(x), np.maximum(np.asarray(idx), 0)[:, :, None, None], 1)
+    np.testing.assert_array_equal(routing.take_rows(x, idx), ref)
+    flat = x.reshape(3, 7, 8)
+    np.testing.assert_array_equal(routing.take_rows(flat, idx), ref.reshape(3, 11, 8))
+    assert "transpose" not in jax.jit(routing.take_rows).lower(x, idx).as_text()
+
+
 def test_memory_slots_inverts_positions():
     b, t, e, k = 2, 19, 5, 3
     _, idx, plan = plan_for(jax.random.normal(jax.random.PRNGKey(4), (b, t, e)), k, 4, False)
