@@ -5,12 +5,12 @@
 
 Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, dense routed
 projections, bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``; ``--what fwd``: the
-forward alone), with ``--kernel-config`` fields over the Pallas kernels' default ``Config``, records a
-``jax.profiler`` trace of ``--calls`` calls and reads it back (``profile_decode.kernel_events``):
-GPU kernels grouped by name (count and ms per call, largest first) and by kind -- the Pallas gated
-delta kernels (``gdn_*``), the Pallas short-conv kernels (``short_conv_*``), matmuls (cuBLAS /
-cutlass / XLA gemm fusions), everything else (XLA fusions: gathers, scatters, elementwise,
-reductions) -- against the wall time of a call.
+forward alone), with ``--kernel-config`` fields over the Pallas kernels' default ``Config``,
+records a ``jax.profiler`` trace of ``--calls`` calls and reads it back
+(``profile_decode.kernel_events``): GPU kernels grouped by name (count and ms per call, largest
+first) and by kind -- the Pallas gated delta kernels (``gdn_*``), the Pallas short-conv kernels
+(``short_conv_*``), matmuls (cuBLAS / cutlass / XLA gemm fusions), everything else (XLA fusions:
+gathers, scatters, elementwise, reductions) -- against the wall time of a call.
 """
 from __future__ import annotations
 

@@ -7,12 +7,16 @@ import time
 import jax
 
 
+def _warm_up(fn, args) -> None:
+    """The first call (compilation) and 3 warm-up calls, each waited for."""
+    for _ in range(4):
+        jax.block_until_ready(fn(*args))
+
+
 def time_fn(fn, args, repeats: int) -> dict:
     """First call (compilation) + 3 warm-up calls, then ``repeats`` timed calls, each ended by
     ``jax.block_until_ready``.  Returns dict(median_ms, min_ms, max_ms, n)."""
-    jax.block_until_ready(fn(*args))
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
+    _warm_up(fn, args)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -28,9 +32,7 @@ def time_queued(fn, args, rounds: int = 10, calls: int = 10) -> dict:
     training loop, or a CUDA-event timer such as ``triton.testing.do_bench``, sees it); the fixed
     host round trip that ``time_fn`` charges to every call is paid once per round.
     Returns dict(queued_median_ms, queued_min_ms, queued_rounds, queued_calls)."""
-    jax.block_until_ready(fn(*args))
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
+    _warm_up(fn, args)
     ts = []
     for _ in range(rounds):
         t0 = time.perf_counter()

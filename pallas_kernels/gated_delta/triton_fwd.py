@@ -19,7 +19,8 @@ The op's q/k L2-norm (``l2norm=True`` / an ``rk`` argument): the kernels dot the
 the inverse norms as row / column scales of the float32 results.  ``ut_gram`` takes
 rk = 1 / sqrt(|k|^2 + eps) from the diagonal of each chunk's K K^T and returns it ([B, L, H]);
 W = T diag(b e^G rk) K, the walk's K^T diag(e^{G_C - G} rk) v_new and the output's Q K^T take it;
-``chunk_output`` computes rq from its q tiles, folds rq and the q scale into its rows and returns rq.
+``chunk_output`` computes rq from its q tiles, folds rq and the q scale into its rows and
+returns rq.
 
 On CPU the kernels run with ``interpret=True``.
 """
