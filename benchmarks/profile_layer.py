@@ -1,12 +1,13 @@
 """Where does the MoM layer's forward+backward time go?  GPU-kernel profile of one jitted call.
 
   python -m benchmarks.profile_layer [--memories 4] [--shape 8x2048] [--impl auto] [--conv pallas]
-                                    [--what fwdbwd|fwd] [--kernel-config JSON] [--out F]
+                                    [--what fwdbwd|fwd] [--kernel-config JSON]
+                                    [--projection dense|ragged] [--out F]
 
-Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, dense routed
-projections, bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``; ``--what fwd``: the
-forward alone), with ``--kernel-config`` fields over the Pallas kernels' default ``Config``,
-records a ``jax.profiler`` trace of ``--calls`` calls and reads it back
+Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, ``--projection``
+routed projections (default dense), bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``;
+``--what fwd``: the forward alone), with ``--kernel-config`` fields over the Pallas kernels'
+default ``Config``, records a ``jax.profiler`` trace of ``--calls`` calls and reads it back
 (``profile_decode.kernel_events``): GPU kernels grouped by name (count and ms per call, largest
 first) and by kind -- the Pallas gated delta kernels (``gdn_*``), the Pallas short-conv kernels
 (``short_conv_*``), matmuls (cuBLAS / cutlass / XLA gemm fusions), everything else (XLA fusions:
@@ -29,6 +30,7 @@ from flax import nnx
 from benchmarks.bench_layer import conv_impl, layer_fns
 from benchmarks.profile_decode import kernel_events
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
+from mom_jax.layers.mom import ROUTED_PROJECTIONS as MOM_PROJECTIONS
 from pallas_kernels import gated_delta as gd_kernels
 
 
@@ -86,6 +88,8 @@ def main():
     ap.add_argument("--memories", type=int, default=4)
     ap.add_argument("--shape", default="8x2048", help="BxT")
     ap.add_argument("--impl", default="auto")
+    ap.add_argument("--projection", default="dense", choices=MOM_PROJECTIONS,
+                    help="MoMLayer routed_projection")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--conv", default="pallas", help="short conv: pallas (kernel where the impl "
                     "picks it) or xla")
@@ -104,7 +108,7 @@ def main():
     for name in args.layers.split(","):
         if name == "mom":
             layer = MoMLayer(d, num_heads=h, head_dim=dk, num_memories=args.memories, topk=2,
-                             routed_projection="dense", impl=args.impl, dtype=jnp.bfloat16,
+                             routed_projection=args.projection, impl=args.impl, dtype=jnp.bfloat16,
                              rngs=nnx.Rngs(0))
         elif name == "gdn":
             layer = GatedDeltaNetLayer(d, num_heads=h, head_dim=dk, impl=args.impl,
@@ -123,6 +127,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev, jax=jax.__version__, shape=args.shape, impl=args.impl,
+                           projection=args.projection,
                            conv=args.conv, what=args.what, kernel_config=args.kernel_config,
                            results=results), f, indent=1)
 

@@ -11,9 +11,10 @@ part has at most T*k + E*(C-1) slots, rounded up to a chunk.  The shared memory'
 follows.  Nothing depends on the routing at trace time: a change of routing never recompiles and never
 syncs with the host.
 
-Every move between tokens and slots (``dispatch``, ``combine``, ``gather_rows``) is a gather whose
+Every move between tokens and slots (``dispatch``, ``combine``, ``gather_table``) is a gather whose
 VJP is again a gather, through the inverse map (slot -> token and token -> its k (+1) slots are both
-known from the plan), never a scatter-add.
+known from the plan), never a scatter-add.  Slots read flat tables of token rows that end in a zero
+row (``stream_sources``), so building the stream is one plain gather, without a select.
 """
 from __future__ import annotations
 
@@ -144,52 +145,103 @@ def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(flat, rows.reshape(-1), axis=0, mode="clip").reshape(idx.shape + x.shape[2:])
 
 
-def _gather_rows_impl(x, src):
-    valid = (src >= 0).reshape(src.shape + (1,) * (x.ndim - 2))
-    return jnp.where(valid, take_rows(x, src), 0)
+def token_table(x: jax.Array) -> jax.Array:
+    """[B, T, ...] -> [B*T + 1, ...]: every token's row, then one zero row (read by padding slots).
+
+    The table ``gather_table`` reads per-token features from.  The MoM layer makes it of its
+    input, before the projections (the smallest tensor to copy; a projection of the zero row is
+    exactly zero), so that its projections are tables in this layout too.
+    """
+    flat = x.reshape((-1,) + x.shape[2:])
+    return jnp.concatenate([flat, jnp.zeros((1,) + flat.shape[1:], x.dtype)], axis=0)
+
+
+def stream_sources(plan: DispatchPlan, indices: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Where every slot of the stream reads a table of token (or token x memory) rows, and back.
+
+    Two table layouts, both ending in the rows of one all-zero token (what padding slots read):
+      indices None: per-token rows, row b*T + t (``token_table``: q, a projection every memory
+        shares); zero row B*T.  Each row is read by the k (+1 shared) slots of its token.
+      indices [B, T, k] (the routing choices): per-(token, memory) rows, row (b*T + t)*G + m with
+        G = E (+1 if shared; group E is the shared memory), e.g. an [B*T + 1, D] x [D, G*N]
+        matmul reshaped to [(B*T + 1)*G, N]; zero rows from (B*T)*G.  Each row is read by at most
+        one slot (the slot of (t, m) if t is routed to m).
+    Returns:
+      src: int32 [B, L], the table row of each slot (padding slots: the first zero row);
+      inv: int32 [R, m], the flat stream slots (b*L + l) reading each of the R table rows, -1 for
+        unused entries (the inverse map ``gather_table``'s backward needs).
+    """
+    b, t, _ = plan.positions.shape
+    tok, length = plan.slot_token, plan.length
+    base = jnp.arange(b, dtype=jnp.int32)[:, None] * t + tok                       # [B, L]
+    slot_base = jnp.arange(b, dtype=jnp.int32) * length
+    if indices is None:
+        readers = token_slots(plan)                                                # [B, T, k+1]
+        zero_row, groups = b * t, 1
+        src = base
+    else:
+        groups = plan.num_memories + int(plan.shared)
+        readers = memory_slots(indices, plan.positions, plan.num_memories)         # [B, T, E]
+        if plan.shared:
+            shared = plan.routed_length + jnp.arange(t, dtype=jnp.int32)
+            readers = jnp.concatenate(
+                [readers, jnp.broadcast_to(shared[None, :, None], (b, t, 1))], axis=2)
+        readers = readers[..., None]                                               # [B, T, G, 1]
+        zero_row = b * t * groups
+        seg = jnp.repeat(plan.layout.chunk_segment, plan.layout.chunk_size, axis=1)
+        src = base * groups + seg
+    src = jnp.where(tok >= 0, src, zero_row).astype(jnp.int32)
+    inv = jnp.where(readers >= 0, readers + slot_base.reshape((b,) + (1,) * (readers.ndim - 1)),
+                    -1)
+    inv = inv.reshape(b * t * groups, -1)
+    inv = jnp.concatenate([inv, jnp.full((groups, inv.shape[1]), -1, inv.dtype)], axis=0)
+    return src, inv.astype(jnp.int32)
 
 
 @jax.custom_vjp
-def gather_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
-    """out[b, l] = x[b, src[b, l]] (zeros where src < 0), with a gather (not a scatter-add) as VJP.
+def gather_table(table: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
+    """out[b, l] = table[src[b, l]], with a gather (not a scatter-add) as VJP.
 
-    Each output row reads at most one source row; a source row may feed several output rows (up to
-    m), and ``inv`` lists them: the caller guarantees that l appears in ``inv[b, s]`` exactly when
-    ``src[b, l] == s`` (and at most once).  The backward is then
-    dx[b, s] = sum_i dout[b, inv[b, s, i]] over the entries inv[b, s, i] >= 0.
+    A plain row gather: no select (padding slots read zero rows of the table, see
+    ``stream_sources``), so XLA writes the stream in one pass in its own layout.
 
     Args:
-      x: [B, S, ...] any float dtype.
-      src: int32 [B, L]; source row of each output row, -1 for a zero row.
-      inv: int32 [B, S, m]; the output rows that read each source row, -1 for unused entries.
+      table: [R, ...] any float dtype.
+      src: int32 [B, L], rows in [0, R).
+      inv: int32 [R, m]: the flat output rows (b*L + l) that read each table row, -1 for unused
+        entries; the caller guarantees that b*L + l appears in ``inv[r]`` exactly when
+        ``src[b, l] == r`` (rows whose readers need no gradient, like zero rows, may list none).
     Returns:
-      [B, L, ...] in x.dtype.  The cotangent of x is summed in float32 and cast to x.dtype;
-      src and inv get None.
+      [B, L, ...] in table.dtype.  The cotangent of the table, d table[r] = sum_i dout[inv[r, i]],
+      is summed in float32 (m > 1) and cast to table.dtype; src and inv get None.
     """
-    return _gather_rows_impl(x, src)
+    return jnp.take(table, src.reshape(-1), axis=0, mode="clip").reshape(
+        src.shape + table.shape[1:])
 
 
-def _gather_rows_fwd(x, src, inv):
-    return _gather_rows_impl(x, src), inv
+def _gather_table_fwd(table, src, inv):
+    return gather_table(table, src, inv), inv
 
 
-def _gather_rows_bwd(inv, dout):
-    b, s, m = inv.shape
+def _gather_table_bwd(inv, dout):
+    r, m = inv.shape
     extra = dout.shape[2:]
-    picked = take_rows(dout, inv.reshape(b, s * m))
-    used = (inv >= 0).reshape((b, s * m) + (1,) * len(extra))
-    if m == 1:      # at most one reader per source row: a masked gather, no sum
+    flat = dout.reshape((-1,) + extra)
+    picked = jnp.take(flat, jnp.maximum(inv, 0).reshape(-1), axis=0, mode="clip")
+    used = (inv >= 0).reshape((r * m,) + (1,) * len(extra))
+    if m == 1:      # at most one reader per table row: a masked gather, no sum
         return jnp.where(used, picked, 0).astype(dout.dtype), None, None
-    picked = jnp.where(used, picked.astype(jnp.float32), 0.0).reshape((b, s, m) + extra)
-    return jnp.sum(picked, axis=2).astype(dout.dtype), None, None
+    picked = jnp.where(used, picked.astype(jnp.float32), 0.0).reshape((r, m) + extra)
+    return jnp.sum(picked, axis=1).astype(dout.dtype), None, None
 
 
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+gather_table.defvjp(_gather_table_fwd, _gather_table_bwd)
 
 
 def token_slots(plan: DispatchPlan) -> jax.Array:
-    """int32 [B, T, k (+1 if shared)]: every slot that holds token t (``gather_rows``' inverse of
-    ``plan.slot_token``): its routed slots ``positions``, then its shared slot routed_length + t."""
+    """int32 [B, T, k (+1 if shared)]: every slot that holds token t: its routed slots
+    ``positions``, then its shared slot routed_length + t."""
     if not plan.shared:
         return plan.positions
     b, t, _ = plan.positions.shape
@@ -213,9 +265,10 @@ def dispatch(x: jax.Array, plan: DispatchPlan) -> jax.Array:
     """Copies token features into the packed stream: [B, T, ...] -> [B, L, ...] (zeros in padding).
 
     Output in x.dtype.  Backward: dx[b, t] = sum of dout over the k routed slots of t (and its
-    shared slot), gathered and summed in float32, cast to x.dtype (no scatter-add).
+    shared slot), gathered and summed in float32, cast to x.dtype (no scatter-add).  Makes a
+    ``token_table`` copy of x; the MoM layer builds its tables without one.
     """
-    return gather_rows(x, plan.slot_token, token_slots(plan))
+    return gather_table(token_table(x), *stream_sources(plan))
 
 
 def _combine_impl(o, weights, positions, routed_length, shared):

@@ -98,20 +98,22 @@ class RecurrentMixer(nnx.Module):
         """Scale of the L2-normalised queries: dk ** -0.5."""
         return self.head_dim ** -0.5
 
-    def _split_features(self, qkv, extra, valid=None, *, qk_in_op: bool = False):
+    def _split_features(self, qkv, extra, valid=None, *, qk_in_op: bool = False,
+                        mask_qkv: bool = True):
         """Post-activation q|k|v and raw b|a -> (q, k, v, g, beta) per head, masked where not valid.
 
         qkv: [..., 2Kd+Vd]; extra: [..., nb+na] raw; valid: bool [...] or None.
         qk_in_op: leave q, k raw (qkv's dtype) for an op that normalises them itself
           (``_recurrence``: q <- l2norm(q) * q_scale, k <- l2norm(k) inside the op, the same
           function); q, k, v are zeroed where not valid either way (l2norm(0) = 0).
+        mask_qkv: False when qkv is zero where not valid already (only g and beta are masked).
         Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5; raw with
         qk_in_op); v: [..., H, dv]; g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None;
         beta: [..., H] float32 or None.
         """
         kd, h = self.key_dim, self.num_heads
         lead = qkv.shape[:-1]
-        if valid is not None:
+        if valid is not None and mask_qkv:
             # One select over the whole [..., C] stream (q too: outputs of invalid slots are never
             # read).  Masking k and v after the split and the head reshape made XLA on GPU emit
             # each select as transpose -> select -> transpose (0.33 ms per tensor in the MoM
