@@ -12,10 +12,11 @@ into and the features out of that layout, forward and backward (1.3 ms of a GDN 
 1.7 ms of a MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
 
 Kernels (grid over row x time block x channel block; every load a [block_l, block_c] tile):
-  forward:  W shifted loads of x, one store of SiLU(acc) in x's dtype;
-  backward: two passes.  First dacc = dy * SiLU'(acc) (the forward's loads plus dy), stored in
-            x's dtype; then for each shift s the tile of dacc at rows t+s (masked by the segment
-            restarts): dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile
+  forward:  W shifted loads of x, one store of SiLU(acc) in x's dtype (with ``splits``, into the
+            output array of the part that holds the tile's channels: q, k, v come out separate);
+  backward: two passes.  First dacc = dy * SiLU'(acc) (the forward's loads plus dy, read from
+            the part's cotangent), stored in x's dtype; then for each shift s the tile of dacc at
+            rows t+s (masked by the segment restarts): dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile
             partial sums sum_t x[t] dacc[t+s], [B, L / block_l, W, C] float32, summed in XLA.
 Every pass is bound by HBM traffic (on an H100 the forward at the MoM stream's size, 315 MB in and
 out, takes 1.1-1.2x an XLA elementwise copy of x); benchmarks/NOTES_kernels.md has the sweep and
@@ -79,21 +80,42 @@ def _taps(w_ref, cols, width):
     return [w_ref[width - 1 - s, cols][None, :] for s in range(width)]
 
 
-def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activation, length):
-    """Forward tile: SiLU(acc) (or acc); with a dy input (refs = dy, out) the backward's first
-    pass instead: dacc = dy * SiLU'(acc) (stored in x's dtype)."""
+def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activation, length,
+                parts, backward):
+    """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block;
+    with ``backward`` (refs = one dy per part, then dacc) the backward's first pass instead:
+    dacc = dy * SiLU'(acc), stored in x's dtype into the packed dacc.
+
+    parts: ((first channel block, number of blocks), ...) of each output (each dy), static.  One
+    part: its output is this program's tile; several: whole-array refs, stored under a branch.
+    """
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = j * block_l + jnp.arange(block_l)
     cols = pl.ds(c * block_c, block_c)
     acc = _pre_activation(x_ref, rank_ref[b, pl.ds(j * block_l, block_l)], rows, b, cols,
                           _taps(w_ref, cols, width), length)
-    if len(refs) == 2:
-        dy_ref, o_ref = refs
-        o_ref[...] = (dy_ref[...].astype(F32) * _silu_and_grad(acc)[1]).astype(o_ref.dtype)
-    else:
-        (o_ref,) = refs
-        out = _silu_and_grad(acc)[0] if activation else acc
-        o_ref[...] = out.astype(o_ref.dtype)
+    n = len(parts)
+    if backward:
+        dy_refs, (o_ref,) = refs[:n], refs[n:]
+        grad = _silu_and_grad(acc)[1]
+        if n == 1:
+            o_ref[...] = (dy_refs[0][...].astype(F32) * grad).astype(o_ref.dtype)
+            return
+        for dy_ref, (start, count) in zip(dy_refs, parts):
+            @pl.when((c >= start) & (c < start + count))
+            def _(dy_ref=dy_ref, start=start):
+                dy = dy_ref[b, pl.ds(j * block_l, block_l), pl.ds((c - start) * block_c, block_c)]
+                o_ref[...] = (dy.astype(F32) * grad).astype(o_ref.dtype)
+        return
+    out = _silu_and_grad(acc)[0] if activation else acc
+    if n == 1:
+        refs[0][...] = out.astype(refs[0].dtype)
+        return
+    for o_ref, (start, count) in zip(refs, parts):
+        @pl.when((c >= start) & (c < start + count))
+        def _(o_ref=o_ref, start=start):
+            o_ref[b, pl.ds(j * block_l, block_l), pl.ds((c - start) * block_c, block_c)] = (
+                out.astype(o_ref.dtype))
 
 
 def _bwd_kernel(x_ref, rank_ref, w_ref, dacc_ref, dx_ref, dw_ref, *, width, block_l, block_c,
@@ -133,25 +155,37 @@ def _params(config: ConvConfig):
     return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1)
 
 
-def _fwd_call(x, rank, weight, activation, config: ConvConfig, dy=None):
-    """SiLU(conv) (or the conv) in x's dtype; with dy, dacc = dy * SiLU'(acc) in x's dtype."""
+def _fwd_call(x, rank, weight, activation, config: ConvConfig, parts, dys=None):
+    """SiLU(conv) (or the conv) in x's dtype, one array per part; with dys (one per part),
+    dacc = dy * SiLU'(acc) in x's dtype, packed [B, L, C]."""
     (b, l, c), width = x.shape, weight.shape[0]
     kernel = functools.partial(_fwd_kernel, width=width, block_l=config.block_l,
-                               block_c=config.block_c, activation=activation, length=l)
-    args = (x, rank, weight) + (() if dy is None else (dy,))
-    specs = [_whole(x), _whole(rank), _whole(weight)] + ([] if dy is None else [_tiles(config)])
+                               block_c=config.block_c, activation=activation, length=l,
+                               parts=parts, backward=dys is not None)
+    part_shapes = [jax.ShapeDtypeStruct((b, l, n * config.block_c), x.dtype) for _, n in parts]
+    part_specs = [_tiles(config)] if len(parts) == 1 else [_whole(p) for p in part_shapes]
+    specs = [_whole(x), _whole(rank), _whole(weight)]
+    if dys is None:
+        args, out_shape, out_specs = (), tuple(part_shapes), tuple(part_specs)
+    else:
+        args, out_shape, out_specs = tuple(dys), jax.ShapeDtypeStruct(x.shape, x.dtype), _tiles(
+            config)
+        specs += part_specs
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        kernel, out_shape=out_shape,
         grid=(b, l // config.block_l, c // config.block_c), in_specs=specs,
-        out_specs=_tiles(config), compiler_params=_params(config), interpret=_interpret(),
-        name="short_conv_fwd" if dy is None else "short_conv_bwd_dacc")(*args)
+        out_specs=out_specs, compiler_params=_params(config), interpret=_interpret(),
+        name="short_conv_fwd" if dys is None else "short_conv_bwd_dacc")(x, rank, weight, *args)
 
 
-def _bwd_call(x, rank, weight, dy, activation, config: ConvConfig):
-    """(dx in x's dtype, dweight float32 [W, C])."""
+def _bwd_call(x, rank, weight, dys, activation, config: ConvConfig, parts):
+    """(dx in x's dtype, dweight float32 [W, C]) from one dy per part."""
     (b, l, c), width = x.shape, weight.shape[0]
     n_blocks = l // config.block_l
-    dacc = _fwd_call(x, rank, weight, activation, config, dy=dy) if activation else dy
+    if activation:
+        dacc = _fwd_call(x, rank, weight, activation, config, parts, dys=dys)
+    else:
+        dacc = dys[0] if len(dys) == 1 else jnp.concatenate(dys, axis=-1)
     kernel = functools.partial(_bwd_kernel, width=width, block_l=config.block_l,
                                block_c=config.block_c, length=l)
     dw_shape = jax.ShapeDtypeStruct((b, n_blocks, width, c), F32)
@@ -165,37 +199,45 @@ def _bwd_call(x, rank, weight, dy, activation, config: ConvConfig):
     return dx, jnp.sum(dw_parts, axis=(0, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _short_conv(x, weight, rank, activation: bool, config: ConvConfig):
-    """The kernels on whole tiles: L % block_l == C % block_c == 0; weight float32."""
-    return _fwd_call(x, rank, weight, activation, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _short_conv(x, weight, rank, activation: bool, config: ConvConfig, parts):
+    """The kernels on whole tiles: L % block_l == C % block_c == 0; weight float32.  parts:
+    ((first channel block, number of blocks), ...) covering C; returns one array per part."""
+    return _fwd_call(x, rank, weight, activation, config, parts)
 
 
-def _short_conv_fwd(x, weight, rank, activation, config):
-    return _fwd_call(x, rank, weight, activation, config), (x, weight, rank)
+def _short_conv_fwd(x, weight, rank, activation, config, parts):
+    return _fwd_call(x, rank, weight, activation, config, parts), (x, weight, rank)
 
 
-def _short_conv_bwd(activation, config, res, dy):
+def _short_conv_bwd(activation, config, parts, res, dys):
     x, weight, rank = res
-    dx, dw = _bwd_call(x, rank, weight, dy, activation, config)
+    dx, dw = _bwd_call(x, rank, weight, dys, activation, config, parts)
     return dx, dw, None
 
 
 _short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)
 
 
-def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig | None = None):
+def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig | None = None,
+               splits: tuple[int, ...] = ()):
     """SiLU(causal depthwise conv) of a packed stream, restarting at every segment start.
 
     Args:
       x: [B, L, C] float (bf16 or f32) raw projections.
       weight: [W, C] float (weight[W-1] multiplies the current token).
-      rank: int [B, L], index of each slot inside its segment (taps reaching before it read zero).
+      rank: int [B, L], index of each slot inside its segment (taps reaching before it read zero;
+        a negative rank makes the slot's output exactly zero).
       activation: apply SiLU (else the plain conv).
       config: tiling (default ``ConvConfig()``, the best of the H100 sweep in NOTES_kernels.md).
+      splits: channel indices to split the output at, as ``jnp.split(out, splits, -1)``.  Where
+        every part is a whole number of ``block_c`` channels the kernel writes each part as its
+        own array (no copies to split it; the backward takes the parts' cotangents as they come,
+        without concatenating them); otherwise the packed output is split.
     Returns:
-      [B, L, C] in x's dtype (accumulated in float32), differentiable in x and weight (dx in x's
-      dtype, dweight in weight's dtype).  GPU (Triton); interpret mode on CPU.
+      [B, L, C] in x's dtype (accumulated in float32), or the list of parts with ``splits``;
+      differentiable in x and weight (dx in x's dtype, dweight in weight's dtype).  GPU (Triton);
+      interpret mode on CPU.
     """
     if x.ndim != 3 or weight.ndim != 2 or weight.shape[1] != x.shape[2]:
         raise ValueError(f"short_conv: need x [B, L, C] and weight [W, C], got x {x.shape}, "
@@ -205,10 +247,25 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
                          f"{list(rank.shape)}")
     config = config or ConvConfig()
     _, l, c = x.shape
+    bounds = [0, *splits, c]
+    if any(lo > hi for lo, hi in zip(bounds, bounds[1:])):
+        raise ValueError(f"short_conv: splits must be increasing channel indices in [0, {c}], "
+                         f"got {list(splits)}")
+    if splits and any(v % config.block_c or lo == hi for v, lo, hi in
+                      zip(bounds, bounds, bounds[1:])):
+        return jnp.split(short_conv(x, weight, rank, activation=activation, config=config),
+                         list(splits), axis=-1)
+    blocks = [v // config.block_c for v in bounds]
+    parts = tuple((lo, hi - lo) for lo, hi in zip(blocks, blocks[1:]))
+    if not splits:
+        parts = ((0, -(-c // config.block_c)),)
     pad_l, pad_c = -l % config.block_l, -c % config.block_c
     if pad_l or pad_c:   # ragged edges: zero rows after the stream (never read by earlier rows)
         x = jnp.pad(x, ((0, 0), (0, pad_l), (0, pad_c)))
         rank = jnp.pad(rank, ((0, 0), (0, pad_l)))
         weight = jnp.pad(weight, ((0, 0), (0, pad_c)))
-    out = _short_conv(x, weight.astype(F32), rank.astype(jnp.int32), bool(activation), config)
-    return out[:, :l, :c] if pad_l or pad_c else out
+    outs = _short_conv(x, weight.astype(F32), rank.astype(jnp.int32), bool(activation), config,
+                       parts)
+    if pad_l or pad_c:
+        outs = [o[:, :l, :c] for o in outs]
+    return list(outs) if splits else outs[0]

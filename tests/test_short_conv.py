@@ -76,6 +76,37 @@ def test_gradients_match_xla_autodiff(b, l, c, w, activation, config):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("splits,config", [
+    ((32, 64), SMALL),                                   # whole blocks: one array per part
+    ((24, 56), SMALL),                                   # not whole blocks: the packed output split
+    ((64,), sc.ConvConfig(block_l=32, block_c=64)),
+])
+def test_split_outputs_match_the_split_of_xla_autodiff(splits, config):
+    """``splits``: the parts and, from per-part cotangents, dx and dweight equal XLA autodiff of
+    the packed conv followed by ``jnp.split``; negative ranks give exactly zero outputs."""
+    b, l, c, w = 2, 100, 96 if len(splits) == 2 else 128, 4
+    x, weight, rank, dy = _stream(5, b, l, c, w, p_start=0.3)
+    rank = rank.at[:, -7:].set(-1)                       # padding after the stream's end
+
+    def xla(x, weight):
+        return lc.short_conv_packed(x, weight, rank, impl="xla", splits=splits)
+
+    def kernel(x, weight):
+        return sc.short_conv(x, weight, rank, config=config, splits=splits)
+
+    dys = jnp.split(dy, splits, axis=-1)
+    out_ref, vjp_ref = jax.vjp(xla, x, weight)
+    out, vjp = jax.vjp(kernel, x, weight)
+    assert [o.shape for o in out] == [o.shape for o in out_ref] and len(out) == len(splits) + 1
+    for got, want in zip(out, out_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert float(jnp.max(jnp.abs(got[:, -7:]))) == 0.0 and float(jnp.max(jnp.abs(got))) > 0
+    for got, want in zip(vjp(dys), vjp_ref(dys)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="splits"):
+        sc.short_conv(x, weight, rank, splits=(64, 32))
+
+
 def test_bfloat16_stream_within_rounding_of_float32():
     """bf16 in and out (the backward's dacc stored in bf16 too): out and dx as close to the
     float32 answer as XLA's own bf16 conv; dweight within a few bf16 ulps (XLA keeps it exact)."""
@@ -126,15 +157,18 @@ def test_resolve_conv_impl_and_layer_routing(monkeypatch):
     assert calls == [1]
 
 
-def test_kernels_lower_for_cuda(monkeypatch):
-    """Forward and backward (two passes) lower to three Triton calls for an H100 without a GPU."""
+@pytest.mark.parametrize("splits", [(), (1024, 2048)])
+def test_kernels_lower_for_cuda(monkeypatch, splits):
+    """Forward and backward (two passes) lower to three Triton calls for an H100 without a GPU,
+    with the output packed or in parts."""
     monkeypatch.setattr(sc, "_interpret", lambda: False)
     sds = jax.ShapeDtypeStruct
     args = (sds((2, 6400, 3072), jnp.bfloat16), sds((4, 3072), jnp.float32))
     rank = sds((2, 6400), jnp.int32)
 
     def loss(x, weight, rank):
-        return jnp.sum(sc.short_conv(x, weight, rank).astype(jnp.float32))
+        out = sc.short_conv(x, weight, rank, splits=splits)
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in (out if splits else [out]))
 
     with jax.sharding.use_abstract_mesh(abstract_mesh()):
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args, rank).lower(

@@ -98,30 +98,24 @@ class RecurrentMixer(nnx.Module):
         """Scale of the L2-normalised queries: dk ** -0.5."""
         return self.head_dim ** -0.5
 
-    def _split_features(self, qkv, extra, valid=None, *, qk_in_op: bool = False,
-                        mask_qkv: bool = True):
-        """Post-activation q|k|v and raw b|a -> (q, k, v, g, beta) per head, masked where not valid.
+    def _split_features(self, qkv, extra, valid=None, *, qk_in_op: bool = False):
+        """Post-activation q, k, v and raw b|a -> (q, k, v, g, beta) per head; g and beta masked
+        where not valid.
 
-        qkv: [..., 2Kd+Vd]; extra: [..., nb+na] raw; valid: bool [...] or None.
+        qkv: (q [..., Kd], k [..., Kd], v [..., Vd]) as ``_activate_stream`` gives them, zero where
+        not valid (the callers' raw inputs are zero there and the conv restarts: no select, which
+        XLA on GPU emitted as transpose -> select -> transpose, benchmarks/NOTES.md sessions 7
+        and 9); extra: [..., nb+na] raw; valid: bool [...] or None.
         qk_in_op: leave q, k raw (qkv's dtype) for an op that normalises them itself
           (``_recurrence``: q <- l2norm(q) * q_scale, k <- l2norm(k) inside the op, the same
-          function); q, k, v are zeroed where not valid either way (l2norm(0) = 0).
-        mask_qkv: False when qkv is zero where not valid already (only g and beta are masked).
+          function).
         Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5; raw with
         qk_in_op); v: [..., H, dv]; g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None;
         beta: [..., H] float32 or None.
         """
         kd, h = self.key_dim, self.num_heads
-        lead = qkv.shape[:-1]
-        if valid is not None and mask_qkv:
-            # One select over the whole [..., C] stream (q too: outputs of invalid slots are never
-            # read).  Masking k and v after the split and the head reshape made XLA on GPU emit
-            # each select as transpose -> select -> transpose (0.33 ms per tensor in the MoM
-            # layer, benchmarks/NOTES.md, session 7).
-            qkv = jnp.where(valid[..., None], qkv, 0)
-        # One split: its VJP is one concatenation, where three slices' VJPs are three
-        # stream-sized pads added together (benchmarks/NOTES.md, session 5).
-        q, k, v = jnp.split(qkv, [kd, 2 * kd], axis=-1)
+        q, k, v = qkv
+        lead = q.shape[:-1]
         q = q.reshape(lead + (h, self.head_dim))
         k = k.reshape(lead + (h, self.head_dim))
         v = v.reshape(lead + (h, self.head_v_dim))
@@ -146,11 +140,15 @@ class RecurrentMixer(nnx.Module):
         return q, k, v, g, beta
 
     def _activate_stream(self, qkv_raw, rank):
-        """Short conv (restarting where rank == 0) + SiLU, or SiLU alone: [B, L, C] -> [B, L, C]
-        (the Pallas conv kernel where ``ops.resolve_conv_impl(self.impl)`` picks it)."""
+        """Short conv (restarting where rank == 0; zero output where rank < 0) + SiLU, or SiLU
+        alone: [B, L, 2Kd+Vd] -> (q [B, L, Kd], k [B, L, Kd], v [B, L, Vd]).  The Pallas conv
+        kernel where ``ops.resolve_conv_impl(self.impl)`` picks it, which writes the three as
+        separate arrays (no split copies, and no concatenation of their cotangents)."""
+        splits = (self.key_dim, 2 * self.key_dim)
         if self.use_short_conv:
-            return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank, impl=self.impl)
-        return jax.nn.silu(qkv_raw)
+            return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank, impl=self.impl,
+                                        splits=splits)
+        return jnp.split(jax.nn.silu(qkv_raw), splits, axis=-1)
 
     def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):
         """The update rule over a packed stream, from the raw q, k of
@@ -172,7 +170,8 @@ class RecurrentMixer(nnx.Module):
             qkv, conv_buf = lc.short_conv_step(conv_buf, qkv_raw, conv_weight)
         else:
             qkv = jax.nn.silu(qkv_raw)
-        return self._split_features(qkv, extra), conv_buf
+        kd = self.key_dim
+        return self._split_features(jnp.split(qkv, [kd, 2 * kd], axis=-1), extra), conv_buf
 
     def _update(self, state, features, slots=None, shared_state=None):
         """The recurrent update of one token (``ops.decode_step``): state [B, M, H, dk, dv],

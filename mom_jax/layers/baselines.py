@@ -56,8 +56,10 @@ class SingleMemoryLayer(RecurrentMixer):
         raw = oc.pad_time(xc @ w, length)                                  # [B, L, Kd + N]
         nqkv = self.conv_width
         qkv_raw, extra = jnp.split(raw, [nqkv], axis=-1)    # one split: its VJP is a concat
-        rank = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        valid = rank < t
+        pos = jnp.arange(length, dtype=jnp.int32)
+        valid = jnp.broadcast_to(pos < t, (b, length))
+        # rank -1 on the padding after the last token: the conv output there is exactly zero.
+        rank = jnp.where(valid, pos, -1)
         qkv = self._activate_stream(qkv_raw, rank)
         q, k, v, g, beta = self._split_features(qkv, extra, valid, qk_in_op=True)
         o, final = self._recurrence(q, k, v, g, beta, layout, None, output_final_state)

@@ -51,28 +51,31 @@ def gla_log_decay(gk_raw):
     return jax.nn.log_sigmoid(gk_raw.astype(jnp.float32)) / GLA_GATE_NORMALIZER
 
 
-def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "xla"):
+def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "xla",
+                      splits: tuple[int, ...] = ()):
     """Depthwise causal conv along a packed stream, restarting (zero history) at every segment.
 
     Args:
       x: [B, L, C] raw projections; weight: [W, C] (weight[W-1] multiplies the current token);
       rank: int32 [B, L], index of each slot inside its segment: taps that would reach before the
-        segment start read zero.
+        segment start read zero (a negative rank: the slot's output is exactly zero).
       impl: "pallas" / "auto" run the Pallas kernel (``pallas_kernels.short_conv``) where
         ``ops.resolve_conv_impl`` picks it; otherwise the shifted adds below (XLA).
+      splits: channel indices to split the output at (``jnp.split``); the kernel writes the parts
+        as separate arrays.
     Returns:
-      SiLU(conv(x)) [B, L, C] in x's dtype (accumulated in float32).
+      SiLU(conv(x)) [B, L, C] in x's dtype (accumulated in float32), or its parts with splits.
     """
     if ops.resolve_conv_impl(impl) == "pallas":
-        return ops.short_conv_kernel()(x, weight, rank, activation=activation)
+        return ops.short_conv_kernel()(x, weight, rank, activation=activation, splits=splits)
     w_size = weight.shape[0]
     acc = jnp.zeros(x.shape, jnp.float32)
     for shift in range(w_size):
         xs = x if shift == 0 else jnp.pad(x[:, :-shift], ((0, 0), (shift, 0), (0, 0)))
         tap = weight[w_size - 1 - shift].astype(jnp.float32)
         acc = acc + jnp.where((rank >= shift)[..., None], xs.astype(jnp.float32) * tap, 0.0)
-    out = jax.nn.silu(acc) if activation else acc
-    return out.astype(x.dtype)
+    out = (jax.nn.silu(acc) if activation else acc).astype(x.dtype)
+    return jnp.split(out, list(splits), axis=-1) if splits else out
 
 
 def short_conv_step(buffer, x, weight, *, activation: bool = True):
