@@ -251,14 +251,13 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
     if any(lo > hi for lo, hi in zip(bounds, bounds[1:])):
         raise ValueError(f"short_conv: splits must be increasing channel indices in [0, {c}], "
                          f"got {list(splits)}")
-    if splits and any(v % config.block_c or lo == hi for v, lo, hi in
-                      zip(bounds, bounds, bounds[1:])):
+    if splits and (any(v % config.block_c for v in bounds)
+                   or any(lo == hi for lo, hi in zip(bounds, bounds[1:]))):
         return jnp.split(short_conv(x, weight, rank, activation=activation, config=config),
                          list(splits), axis=-1)
-    blocks = [v // config.block_c for v in bounds]
+    # Channel blocks of each part (without splits: one part, C rounded up to whole blocks).
+    blocks = [-(-v // config.block_c) for v in bounds]
     parts = tuple((lo, hi - lo) for lo, hi in zip(blocks, blocks[1:]))
-    if not splits:
-        parts = ((0, -(-c // config.block_c)),)
     pad_l, pad_c = -l % config.block_l, -c % config.block_c
     if pad_l or pad_c:   # ragged edges: zero rows after the stream (never read by earlier rows)
         x = jnp.pad(x, ((0, 0), (0, pad_l), (0, pad_c)))

@@ -76,15 +76,16 @@ def test_gradients_match_xla_autodiff(b, l, c, w, activation, config):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("splits,config", [
-    ((32, 64), SMALL),                                   # whole blocks: one array per part
-    ((24, 56), SMALL),                                   # not whole blocks: the packed output split
-    ((64,), sc.ConvConfig(block_l=32, block_c=64)),
+@pytest.mark.parametrize("c,splits,config", [
+    (96, (32, 64), SMALL),                               # whole blocks: one array per part
+    (96, (24, 56), SMALL),                               # not whole blocks: the packed output split
+    (100, (32, 64), SMALL),                              # last part not whole blocks: split too
+    (128, (64,), sc.ConvConfig(block_l=32, block_c=64)),
 ])
-def test_split_outputs_match_the_split_of_xla_autodiff(splits, config):
+def test_split_outputs_match_the_split_of_xla_autodiff(c, splits, config):
     """``splits``: the parts and, from per-part cotangents, dx and dweight equal XLA autodiff of
     the packed conv followed by ``jnp.split``; negative ranks give exactly zero outputs."""
-    b, l, c, w = 2, 100, 96 if len(splits) == 2 else 128, 4
+    b, l, w = 2, 100, 4
     x, weight, rank, dy = _stream(5, b, l, c, w, p_start=0.3)
     rank = rank.at[:, -7:].set(-1)                       # padding after the stream's end
 
