@@ -96,6 +96,30 @@ class MoMLayer(RecurrentMixer):
             if shared_memory or single_kv_proj:
                 setattr(self, f"shared_{name}", nnx.Param(lc.xavier_uniform(rngs.params(), (d, width))))
 
+    def projection_weight(self, dtype) -> jax.Array:
+        """[D, Kd + G*N] every input projection but the router's, cast to ``dtype``: q | each
+        routed memory's k|v|b|a (E blocks of N columns; none with single_kv_proj) | the shared
+        projection's k|v|b|a (with shared_memory or single_kv_proj).  The one layout of both the
+        training stream's projection table (``_stream_raw``) and the decode step's
+        (``decode_weights``); ``_kvba_columns`` gives its block offsets."""
+        parts = [self.q_proj[...].astype(dtype)]
+        if not self.single_kv_proj:
+            w_mem = self._memory_weights(dtype)                                    # [E, D, N]
+            parts.append(jnp.transpose(w_mem, (1, 0, 2)).reshape(self.hidden_size, -1))
+        if self.shared_memory or self.single_kv_proj:
+            parts.append(self._concat_weights("shared_{}", dtype))
+        return jnp.concatenate(parts, axis=-1)
+
+    def _kvba_columns(self) -> tuple[int, int, int]:
+        """(n, routed, shared) of ``projection_weight``'s layout: the k|v|b|a width N, the first
+        column of routed memory 0's block (memory m's is routed + m*N; with single_kv_proj every
+        memory reads the shared block) and the first column of the shared block."""
+        n = sum(width for _, width in self._projection_parts())
+        kd = self.key_dim
+        if self.single_kv_proj:
+            return n, kd, kd
+        return n, kd, kd + self.num_memories * n
+
     def _memory_weights(self, dtype) -> jax.Array:
         """[E, D, N] concatenated k|v|b|a weights of the routed memories ([1, D, N] single_kv_proj)."""
         if self.single_kv_proj:
@@ -113,29 +137,20 @@ class MoMLayer(RecurrentMixer):
         kd = self.key_dim
         x_rows = routing.token_table(xc)                                          # [B*T+1, D]
         token_src, token_inv = routing.stream_sources(plan)
-        w_q = self.q_proj[...].astype(dtype)
         if self.routed_projection == "ragged" and not self.single_kv_proj:
-            q = routing.gather_table(x_rows @ w_q, token_src, token_inv)
+            q = routing.gather_table(x_rows @ self.q_proj[...].astype(dtype), token_src, token_inv)
             kvba = self._ragged_raw(xc, idx, plan)
         else:
-            if self.single_kv_proj:
-                # One projection for every memory: a per-token table like q's.
-                w_kv = self._memory_weights(dtype)[0]                             # [D, N]
-                n = w_kv.shape[-1]
-                kv_sources = (token_src, token_inv)
-            else:
-                # Every token through every memory's (and the shared) projection: the
-                # (token, memory) table [(B*T + 1) * G, N] of ``routing.stream_sources``.
-                w = self._memory_weights(dtype)                                    # [E, D, N]
-                if self.shared_memory:
-                    w = jnp.concatenate([w, self._concat_weights("shared_{}", dtype)[None]], 0)
-                n = w.shape[-1]
-                w_kv = jnp.transpose(w, (1, 0, 2)).reshape(xc.shape[-1], -1)       # [D, G*N]
-                kv_sources = routing.stream_sources(plan, idx)
-            # q and k|v|b|a in one matmul: the backward then reads one cotangent table for both
-            # dx and dW (as two matmuls, XLA gathered the stream cotangent twice: +0.3 ms on H100).
-            table = x_rows @ jnp.concatenate([w_q, w_kv], axis=1)
+            # q and every memory's k|v|b|a in one matmul (``projection_weight``): the backward
+            # then reads one cotangent table for both dx and dW (as two matmuls, XLA gathered the
+            # stream cotangent twice: +0.3 ms on H100).  With single_kv_proj, k|v|b|a is a
+            # per-token table like q's; else the (token, memory) table [(B*T + 1) * G, N] of
+            # ``routing.stream_sources`` (G = E memories, then the shared one).
+            n = self._kvba_columns()[0]
+            table = x_rows @ self.projection_weight(dtype)
             q_table, kv_table = jnp.split(table, [kd], axis=1)
+            kv_sources = ((token_src, token_inv) if self.single_kv_proj
+                          else routing.stream_sources(plan, idx))
             q = routing.gather_table(q_table, token_src, token_inv)
             kvba = routing.gather_table(kv_table.reshape(-1, n), *kv_sources)
         kv, extra = jnp.split(kvba, [self.key_dim + self.value_dim], axis=-1)   # VJP: one concat
@@ -217,35 +232,28 @@ class MoMLayer(RecurrentMixer):
 
         Decoding loops compute this outside the loop and pass it to every ``step`` (XLA does not
         hoist the concatenation out of a while loop by itself: it cost ~0.9 ms per token in the
-        340M model).  Returns dict(proj=[D, Kd (+ N) (+ E*N)]: q | shared k|v|b|a (shared memory
-        or single_kv_proj) | each routed memory's k|v|b|a, conv=[W, 2Kd+Vd] or None, decay=[2, H]
-        (-exp(A_log), dt_bias) or None).
+        340M model).  Returns dict(proj=``projection_weight`` [D, Kd + G*N], conv=[W, 2Kd+Vd] or
+        None, decay=[2, H] (-exp(A_log), dt_bias) or None).
         """
-        parts = [self.q_proj[...].astype(dtype)]
-        if self.shared_memory or self.single_kv_proj:
-            parts.append(self._concat_weights("shared_{}", dtype))
-        if not self.single_kv_proj:
-            w_mem = self._memory_weights(dtype)                                    # [E, D, N]
-            parts.append(jnp.transpose(w_mem, (1, 0, 2)).reshape(self.hidden_size, -1))
         conv = self._conv_weight()
-        return dict(proj=jnp.concatenate(parts, -1),
+        return dict(proj=self.projection_weight(dtype),
                     conv=None if conv is None else conv.astype(jnp.float32),
                     decay=self._decay_params())
 
-    def _xla_step(self, raw, idx, cache: MoMCache, w: dict, n: int, has_shared_proj: bool):
+    def _xla_step(self, raw, idx, cache: MoMCache, w: dict):
         """``step``'s features and update with XLA ops (gathers, the conv / feature fusions,
-        ``ops.decode_step``, scatters).  Returns (o [B, J, H, dv] float32, new cache fields)."""
+        ``ops.decode_step``, scatters).  raw: [B, Kd + G*N] the token's projections
+        (``projection_weight`` layout).  Returns (o [B, J, H, dv] float32, new cache fields)."""
         b, k, e, kd = raw.shape[0], self.topk, self.num_memories, self.key_dim
         nkv = self.key_dim + self.value_dim
+        n, routed_col, shared_col = self._kvba_columns()
         rows = jnp.arange(b)[:, None]
-        q_raw, off = raw[:, :kd], kd
-        shared = None
-        if has_shared_proj:
-            shared, off = raw[:, kd:kd + n], kd + n
+        q_raw = raw[:, :kd]
+        shared = raw[:, shared_col:shared_col + n]
         if self.single_kv_proj:
             kvba = jnp.broadcast_to(shared[:, None], (b, k, n))
         else:
-            kvba = raw[:, off:].reshape(b, e, n)[rows, idx]                        # [B, k, N]
+            kvba = raw[:, routed_col:routed_col + e * n].reshape(b, e, n)[rows, idx]  # [B, k, N]
         # The k routed memories and the shared one go through the conv and feature maps together.
         mem_raw, bufs = kvba, cache.routed_conv[rows, idx]
         if self.shared_memory:
@@ -282,26 +290,24 @@ class MoMLayer(RecurrentMixer):
         b, k = x.shape[0], self.topk
         router_logits = x.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)
         weights_k, idx = routing.route(router_logits, k)                          # [B, k]
-        kd = self.key_dim
-        raw = xc @ w["proj"]
-        n = sum(width for _, width in self._projection_parts())                  # k|v|b|a width
-        has_shared_proj = self.shared_memory or self.single_kv_proj
+        raw = xc @ w["proj"]                                                    # [B, Kd + G*N]
         kernel = self._fused_step_kernel()
         if kernel is not None:
-            # Column of each input's k|v|b|a block: routed memories (their own block, or the
-            # shared projection with single_kv_proj), then the shared memory.
-            routed_col = kd + n * int(has_shared_proj)
-            col_off = (jnp.full((b, k), kd, jnp.int32) if self.single_kv_proj
+            # Column of each input's k|v|b|a block (``projection_weight`` layout): the k routed
+            # memories' (every one the shared block with single_kv_proj), then the shared one's.
+            n, routed_col, shared_col = self._kvba_columns()
+            col_off = (jnp.full((b, k), routed_col, jnp.int32) if self.single_kv_proj
                        else routed_col + idx * n)
             if self.shared_memory:
-                col_off = jnp.concatenate([col_off, jnp.full((b, 1), kd, jnp.int32)], axis=1)
+                col_off = jnp.concatenate([col_off, jnp.full((b, 1), shared_col, jnp.int32)],
+                                          axis=1)
             o, state, s_state, conv, s_conv = self._fused_step(
                 kernel, raw, col_off, idx, cache.routed_conv, cache.shared_conv, w,
                 cache.routed_state, cache.shared_state)
             new = dict(routed_state=state, routed_conv=conv, shared_state=s_state,
                        shared_conv=s_conv)
         else:
-            o, new = self._xla_step(raw, idx, cache, w, n, has_shared_proj)
+            o, new = self._xla_step(raw, idx, cache, w)
         y = jnp.sum(o[:, :k] * weights_k[..., None, None], axis=1)                # [B, H, dv]
         if self.shared_memory:
             y = y + o[:, k]
