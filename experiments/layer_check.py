@@ -55,6 +55,13 @@ def main(argv):
     if not 0 < F.prefill < F.seq_len:
         raise app.UsageError(f"--prefill must be in (0, --seq_len={F.seq_len}), got {F.prefill}")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    # A check of the math in float32: full-precision matmuls everywhere (a GPU's default float32
+    # matmuls round operands to TF32, ~5e-4 relative, which the tolerances below are not for).
+    with jax.default_matmul_precision("highest"):
+        _check_layer()
+
+
+def _check_layer():
     layer = MoMLayer(F.hidden, num_heads=F.heads, head_dim=F.head_dim, num_memories=F.memories,
                      topk=F.topk, shared_memory=F.shared_memory, update_rule=F.update_rule,
                      chunk_size=F.chunk_size, impl="xla", rngs=nnx.Rngs(F.seed))
