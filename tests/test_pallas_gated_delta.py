@@ -276,8 +276,15 @@ def test_ut_kernel_config():
     assert auto.walk_stages(256, programs=128) == 2
     assert gd_api.Config(num_stages=1).walk_stages(128, programs=128) == 1
     from pallas_kernels.gated_delta import triton_bwd  # noqa: PLC0415
+    from pallas_kernels.gated_delta import triton_common as tc  # noqa: PLC0415
     assert triton_bwd._bwd_walk_stages(auto, 64, 128, 64, 2) == 2
     assert triton_bwd._bwd_walk_stages(auto, 64, 256, 32, 2) == 1         # 96 KB per stage
+    # ... by the device's shared-memory budget: an H100's fits two bf16 stages at dk 256, not fp32
+    h100 = tc.TILE_SMEM_BUDGET[9]
+    assert triton_bwd._bwd_walk_stages(auto, 64, 256, 64, 2, smem_budget=h100) == 2
+    assert triton_bwd._bwd_walk_stages(auto, 64, 256, 64, 4, smem_budget=h100) == 1
+    assert triton_bwd._bwd_walk_stages(auto, 64, 256, 64, 2, smem_budget=160 * 1024) == 1
+    assert tc.tile_smem_budget() == tc.DEFAULT_TILE_SMEM_BUDGET            # CPU: no GPU generation
     assert triton_bwd._bwd_walk_stages(gd_api.Config(num_stages=3), 64, 128, 64, 2) == 3
     with pytest.raises(ValueError, match="num_warps"):
         gd_api.Config(num_warps=3)

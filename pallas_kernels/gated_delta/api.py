@@ -91,9 +91,9 @@ class Config:
     bwd_block_v: value block of the Triton backward dS walk (None: as block_v).  The Mosaic
       backward always takes the whole value dim as one block.
     bwd_num_stages: software-pipelining stages of the backward dS walk (None: num_stages if set,
-      else 2; but 1 where that many stages of its q/k/W chunk tiles would need more than ~160 KB
-      of shared memory, e.g. two at dk = 256 with bf16 operands: the ptxas proxy put that at
-      217 KB of the 227 KB).
+      else 2; but 1 where that many stages of its q/k/W chunk tiles would exceed the GPU's
+      ``triton_common.tile_smem_budget``: 200 KB on sm_90 (H100), where two stages at dk = 256
+      with bf16 operands (196 KB) fit, else 160 KB).
     bwd_qdo: precompute Q^T diag(e^G) dO per chunk ([B, H, Nc, dk, dv]) in the chunk-parallel
       P^T dO kernel, so that the dS walk loads neither q nor dO and runs 4 fewer dots per step.
       Off by default since the 4-warp walks (H100 run 6: fwd+bwd equal at dk = 128, 2-7% faster

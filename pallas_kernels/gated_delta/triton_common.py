@@ -44,6 +44,26 @@ def operand_dtype(precision: str, interpret: bool):
     return jnp.bfloat16 if (precision == "bf16" and not interpret) else F32
 
 
+# Shared memory (bytes) that a walk program's software-pipelined chunk tiles may take, by GPU
+# compute capability major: what the largest block may opt into, less room for Triton's own
+# scratch (layout conversions, reductions).  sm_90 (H100/H200, 227 KB per block): the dS walk's
+# two stages of q, k, W tiles at dk 256 in bf16 (196 KB) compile and run, and are faster than one
+# (benchmarks/NOTES_kernels.md, session 10).  Others keep the earlier, safer 160 KB.
+TILE_SMEM_BUDGET = {9: 200 * 1024}
+DEFAULT_TILE_SMEM_BUDGET = 160 * 1024
+
+
+def tile_smem_budget() -> int:
+    """``TILE_SMEM_BUDGET`` of the default device's GPU generation (``DEFAULT_TILE_SMEM_BUDGET``
+    for unknown generations and non-GPU devices, e.g. interpret mode)."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(cc).split(".")[0])
+    except ValueError:
+        return DEFAULT_TILE_SMEM_BUDGET
+    return TILE_SMEM_BUDGET.get(major, DEFAULT_TILE_SMEM_BUDGET)
+
+
 def triton_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
