@@ -335,11 +335,12 @@ def test_chunk64_many_chunks_and_odd_head_dims():
     assert_pallas_matches_scan(case)
 
 
-def test_several_key_and_value_tiles():
+@pytest.mark.parametrize("blocks_first", [True, False])
+def test_several_key_and_value_tiles(blocks_first):
     """dk=32 as two 16-wide key tiles, dv=48 (padded to 64) as 16-wide value blocks: several walk
     programs per head, loops over value and key blocks inside the chunk-parallel kernels, dG shares
-    of the key blocks."""
-    config = gd_api.Config(block_k=16, block_v=16, par_block_v=16)
+    of the key blocks; the block programs launched first (default) or last in the grid."""
+    config = gd_api.Config(block_k=16, block_v=16, par_block_v=16, blocks_first=blocks_first)
     case = make_case("packed", dk=32, dv=48, seed=17)
     assert_pallas_matches_scan(case, config)
 

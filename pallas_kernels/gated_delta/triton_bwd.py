@@ -72,7 +72,8 @@ def state_grad_step(ks, ws, dv_local, gates: tc.Gates, dss, precision, *, qs=Non
     return du, ds0s
 
 
-def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precision):
+def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precision,
+                 blocks_first):
     refs = list(refs)
     dinit_ref = refs.pop() if has_init else None
     du_ref, dh_ref = refs.pop(), refs.pop()
@@ -80,7 +81,7 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precis
         refs.pop()  # zeros aliased to dinit
     (lo_ref, hi_ref, seg_ref, last_ref, first_ref, k_ref, w_ref, g_ref, dvl_ref, dfinal_ref,
      *q_or_qdo) = refs
-    p_id = pl.program_id(0)
+    p_id = tc.program_index(0, blocks_first)
     s = p_id % num_segments
     lo, hi = lo_ref[p_id], hi_ref[p_id]
     dk, bv = dfinal_ref.shape
@@ -139,10 +140,11 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precis
 
 def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *, q=None, do=None,
                     qdo=None, chunk, num_segments, block_v, has_init, precision, interpret,
-                    num_warps, block_k, num_stages=2):
+                    num_warps, block_k, num_stages=2, blocks_first=False):
     """k, w [B, L, H, dk]; gcum_t [B, H, L]; dv_local [B, L, H, dv]; dfinal [B, S, H, dk, dv]
     float32; lo, hi [B*S]; seg, first, last [B, Nc]; either q [B, L, H, dk] and do [B, L, H, dv],
-    or qdo [B, H, Nc, dk, dv] (Q^T diag(e^G) dO per chunk, from ``dv_local``).
+    or qdo [B, H, Nc, dk, dv] (Q^T diag(e^G) dO per chunk, from ``dv_local``); blocks_first:
+    launch a segment's value-block programs side by side (``tc.blocks_first``).
     Returns (dh [B, H, Nc, dk, dv] (cotangent of the state after each visited chunk),
     du [B, L, H, dv] (cotangent of v_new), both in ``tc.operand_dtype(precision)`` and undefined
     on unvisited chunks, d(initial state) [B, S, H, dk, dv] float32 or None)."""
@@ -171,11 +173,15 @@ def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *,
         aliases[len(args) - 1] = 2
         out_shape.append(jax.ShapeDtypeStruct((b, s, hh, dk, dv), F32))
         out_specs.append(sp.segment_state(dk, block_v))
+    grid = (b * s, hh, dv // block_v)
+    if blocks_first:
+        grid, in_specs, out_specs = tc.blocks_first(grid, in_specs, out_specs)
     outs = pl.pallas_call(
         functools.partial(_walk_kernel, chunk=chunk, num_segments=s, has_init=has_init,
                           with_qdo=qdo is not None, block_k=min(block_k, dk),
-                          precision=resolve_precision(precision, interpret)),
-        out_shape=tuple(out_shape), grid=(b * s, hh, dv // block_v), in_specs=in_specs,
+                          precision=resolve_precision(precision, interpret),
+                          blocks_first=blocks_first),
+        out_shape=tuple(out_shape), grid=grid, in_specs=in_specs,
         out_specs=tuple(out_specs), input_output_aliases=aliases,
         compiler_params=tc.triton_params(num_warps, num_stages), interpret=interpret,
         name="gdn_bwd_state_walk",
@@ -247,10 +253,10 @@ def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, b
 # ------------------------------------------------------------------------------------------------
 
 def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, du_ref,
-                 dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref, *, block_v, precision):
+                 dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref, *, block_v, precision, blocks_first):
     chunk = q_ref.shape[0]
 
-    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref))
+    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref), blocks_first)
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
@@ -287,9 +293,10 @@ def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, 
 
 
 def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret, num_warps,
-         block_k, block_v):
+         block_k, block_v, blocks_first=False):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; h, dh [B, H, Nc, dk, dv]; v_new, do, du [B, L, H, dv];
-    seg [B, Nc].  Returns (dq [B, L, H, dk] float32, dK_direct [B, L, H, dk] float32,
+    seg [B, Nc]; blocks_first: launch a chunk's key-block programs side by side
+    (``tc.blocks_first``: each reads the chunk's whole dO, v_new and du).  Returns (dq [B, L, H, dk] float32, dK_direct [B, L, H, dk] float32,
     dW [B, L, H, dk] (``tc.operand_dtype``), dG shares [dk/BK, B, H, L] float32, shares of the
     row sums <dq, q> [dk/BK, B, H, L] float32 (for the L2-norm Jacobian)); zero on chunks of no
     segment."""
@@ -303,15 +310,19 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
                  jax.ShapeDtypeStruct((b, l, hh, dk), tc.operand_dtype(precision, interpret)),
                  jax.ShapeDtypeStruct((nk, b, hh, l), F32),
                  jax.ShapeDtypeStruct((nk, b, hh, l), F32))
+    grid = (b * (l // chunk), hh, nk)
+    in_specs = [sp.seg(), sp.tok(bk, True), sp.tok(bk, True), sp.gate(),
+                sp.state(bk, dv, key_blocked=True), sp.state(bk, dv, key_blocked=True),
+                sp.tok(dv), sp.tok(dv), sp.tok(dv)]
+    out_specs = (sp.tok(bk, True), sp.tok(bk, True), sp.tok(bk, True), sp.gate_part(),
+                 sp.gate_part())
+    if blocks_first:
+        grid, in_specs, out_specs = tc.blocks_first(grid, in_specs, out_specs)
     return pl.pallas_call(
         functools.partial(_dqkw_kernel, block_v=min(block_v, dv),
-                          precision=resolve_precision(precision, interpret)),
-        out_shape=out_shape, grid=(b * (l // chunk), hh, nk),
-        in_specs=[sp.seg(), sp.tok(bk, True), sp.tok(bk, True), sp.gate(),
-                  sp.state(bk, dv, key_blocked=True), sp.state(bk, dv, key_blocked=True),
-                  sp.tok(dv), sp.tok(dv), sp.tok(dv)],
-        out_specs=(sp.tok(bk, True), sp.tok(bk, True), sp.tok(bk, True), sp.gate_part(),
-                   sp.gate_part()),
+                          precision=resolve_precision(precision, interpret),
+                          blocks_first=blocks_first),
+        out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=tc.triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_dqkw",
     )(seg, q, k, gcum_t, h, dh, v_new, do, du)
 
@@ -457,10 +468,10 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
     dh, du, dinit = state_grad_walk(
         kp, w, gcum_t, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
         block_v=block_v, has_init=has_init, num_warps=config.walk_warps(dkp, block_v),
-        num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize), **walk_in,
-        **common)
-    dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg, **par,
-                                        **common)
+        num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize),
+        blocks_first=config.blocks_first, **walk_in, **common)
+    dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
+                                        blocks_first=config.blocks_first, **par, **common)
     dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
                                         dv_dtype=v.dtype, **common)
     dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg

@@ -68,6 +68,25 @@ def triton_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def blocks_first(grid: tuple, in_specs, out_specs):
+    """Launch form of a grid whose LAST axis enumerates blocks that read the same tiles (the key
+    blocks of a chunk, the value blocks of a segment walk): that axis moves to the front, which the
+    Triton lowering launches as CUDA's fastest-varying block index, so a tile's block programs
+    start side by side and the later ones read its tiles from L2 instead of HBM.  The specs'
+    index maps keep their logical argument order; kernels read logical grid axis ``a`` with
+    ``program_index(a, True)``.  Returns (grid, in_specs, out_specs)."""
+    def wrap(spec):
+        logical = spec.index_map
+        return dataclasses.replace(spec, index_map=lambda *ids: logical(*ids[1:], ids[0]))
+    return (grid[-1], *grid[:-1]), [wrap(s) for s in in_specs], tuple(wrap(s) for s in out_specs)
+
+
+def program_index(axis: int, launched_blocks_first: bool):
+    """``pl.program_id`` of logical grid axis ``axis`` of a kernel launched as ``blocks_first``
+    says (or as given)."""
+    return pl.program_id(axis + 1 if launched_blocks_first else axis)
+
+
 def blocks(dim: int, block: int) -> list:
     """Static slices covering [0, dim) in pieces of ``block`` (dim a multiple of block)."""
     assert dim % block == 0, (dim, block)
@@ -132,11 +151,12 @@ class Gates:
         return cm.causal_decay(self.gcum)
 
 
-def used_chunk(seg_ref, zero_refs):
-    """For the chunk-parallel kernels (grid (B*Nc, H, ...)): zero-fills ``zero_refs`` when this
-    program's chunk belongs to no segment, and returns the ``pl.when`` decorator for the body that
-    handles a used chunk (``@used_chunk(seg_ref, outs) def _(): ...``)."""
-    c = pl.program_id(0) % seg_ref.shape[0]
+def used_chunk(seg_ref, zero_refs, launched_blocks_first: bool = False):
+    """For the chunk-parallel kernels (grid (B*Nc, H, ...), launched as given or
+    ``blocks_first``): zero-fills ``zero_refs`` when this program's chunk belongs to no segment,
+    and returns the ``pl.when`` decorator for the body that handles a used chunk
+    (``@used_chunk(seg_ref, outs) def _(): ...``)."""
+    c = program_index(0, launched_blocks_first) % seg_ref.shape[0]
 
     @pl.when(seg_ref[c] < 0)
     def _():
