@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from mom_jax.ops.common import L2NORM_EPS, head_l2norm
+
 F32 = jnp.float32
 
 
@@ -80,14 +82,22 @@ def _taps(w_ref, cols, width):
     return [w_ref[width - 1 - s, cols][None, :] for s in range(width)]
 
 
+def _row_rstd(u):
+    """1 / sqrt(sum(u^2) + eps) of each row of a [rows, head_dim] float32 tile: [rows, 1]."""
+    return jax.lax.rsqrt(jnp.sum(u * u, axis=1, keepdims=True) + L2NORM_EPS)
+
+
 def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activation, length,
                 parts, backward):
     """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block;
     with ``backward`` (refs = one dy per part, then dacc) the backward's first pass instead:
     dacc = dy * SiLU'(acc), stored in x's dtype into the packed dacc.
 
-    parts: ((first channel block, number of blocks), ...) of each output (each dy), static.  One
-    part: its output is this program's tile; several: whole-array refs, stored under a branch.
+    parts: ((first channel, channels, scale), ...) of each output (each dy), static; channels
+    are whole blocks.  scale None: the part is SiLU(acc); a number s: each row of the tile (one
+    head: block_c = head_dim) is L2-normalised and scaled, y = s * u / sqrt(|u|^2 + eps) with
+    u = SiLU(acc), and the backward applies that Jacobian to dy before SiLU's.  One part: its
+    output is this program's tile; several: whole-array refs, stored under a branch.
     """
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = j * block_l + jnp.arange(block_l)
@@ -95,27 +105,45 @@ def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activati
     acc = _pre_activation(x_ref, rank_ref[b, pl.ds(j * block_l, block_l)], rows, b, cols,
                           _taps(w_ref, cols, width), length)
     n = len(parts)
+    tile_rows = pl.ds(j * block_l, block_l)
     if backward:
         dy_refs, (o_ref,) = refs[:n], refs[n:]
-        grad = _silu_and_grad(acc)[1]
+        u, grad = _silu_and_grad(acc)
+
+        def dacc(dy, scale):
+            dy = dy.astype(F32)
+            if scale is not None:   # the L2-norm's Jacobian: du = r (g - y <g, y>), g = s dy
+                r = _row_rstd(u)
+                y, g = u * r, dy * scale
+                dy = r * (g - y * jnp.sum(g * y, axis=1, keepdims=True))
+            return (dy * grad).astype(o_ref.dtype)
+
         if n == 1:
-            o_ref[...] = (dy_refs[0][...].astype(F32) * grad).astype(o_ref.dtype)
+            o_ref[...] = dacc(dy_refs[0][...], parts[0][2])
             return
-        for dy_ref, (start, count) in zip(dy_refs, parts):
-            @pl.when((c >= start) & (c < start + count))
-            def _(dy_ref=dy_ref, start=start):
-                dy = dy_ref[b, pl.ds(j * block_l, block_l), pl.ds((c - start) * block_c, block_c)]
-                o_ref[...] = (dy.astype(F32) * grad).astype(o_ref.dtype)
+        for dy_ref, (start, width_c, scale) in zip(dy_refs, parts):
+            first = start // block_c
+
+            @pl.when((c >= first) & (c < first + width_c // block_c))
+            def _(dy_ref=dy_ref, first=first, scale=scale):
+                o_ref[...] = dacc(dy_ref[b, tile_rows, pl.ds((c - first) * block_c, block_c)],
+                                  scale)
         return
     out = _silu_and_grad(acc)[0] if activation else acc
+
+    def feature(scale):
+        return (out if scale is None else out * (scale * _row_rstd(out)))
+
     if n == 1:
-        refs[0][...] = out.astype(refs[0].dtype)
+        refs[0][...] = feature(parts[0][2]).astype(refs[0].dtype)
         return
-    for o_ref, (start, count) in zip(refs, parts):
-        @pl.when((c >= start) & (c < start + count))
-        def _(o_ref=o_ref, start=start):
-            o_ref[b, pl.ds(j * block_l, block_l), pl.ds((c - start) * block_c, block_c)] = (
-                out.astype(o_ref.dtype))
+    for o_ref, (start, width_c, scale) in zip(refs, parts):
+        first = start // block_c
+
+        @pl.when((c >= first) & (c < first + width_c // block_c))
+        def _(o_ref=o_ref, first=first, scale=scale):
+            o_ref[b, tile_rows, pl.ds((c - first) * block_c, block_c)] = (
+                feature(scale).astype(o_ref.dtype))
 
 
 def _bwd_kernel(x_ref, rank_ref, w_ref, dacc_ref, dx_ref, dw_ref, *, width, block_l, block_c,
@@ -156,13 +184,14 @@ def _params(config: ConvConfig):
 
 
 def _fwd_call(x, rank, weight, activation, config: ConvConfig, parts, dys=None):
-    """SiLU(conv) (or the conv) in x's dtype, one array per part; with dys (one per part),
-    dacc = dy * SiLU'(acc) in x's dtype, packed [B, L, C]."""
+    """SiLU(conv) (or the conv) in x's dtype, one array per part (normalised where its scale
+    says); with dys (one per part), dacc = the cotangent of the pre-activation in x's dtype,
+    packed [B, L, C].  parts: as ``_fwd_kernel``'s, whole ``config.block_c`` blocks."""
     (b, l, c), width = x.shape, weight.shape[0]
     kernel = functools.partial(_fwd_kernel, width=width, block_l=config.block_l,
                                block_c=config.block_c, activation=activation, length=l,
                                parts=parts, backward=dys is not None)
-    part_shapes = [jax.ShapeDtypeStruct((b, l, n * config.block_c), x.dtype) for _, n in parts]
+    part_shapes = [jax.ShapeDtypeStruct((b, l, n), x.dtype) for _, n, _ in parts]
     part_specs = [_tiles(config)] if len(parts) == 1 else [_whole(p) for p in part_shapes]
     specs = [_whole(x), _whole(rank), _whole(weight)]
     if dys is None:
@@ -178,12 +207,14 @@ def _fwd_call(x, rank, weight, activation, config: ConvConfig, parts, dys=None):
         name="short_conv_fwd" if dys is None else "short_conv_bwd_dacc")(x, rank, weight, *args)
 
 
-def _bwd_call(x, rank, weight, dys, activation, config: ConvConfig, parts):
-    """(dx in x's dtype, dweight float32 [W, C]) from one dy per part."""
+def _bwd_call(x, rank, weight, dys, activation, configs, parts):
+    """(dx in x's dtype, dweight float32 [W, C]) from one dy per part.  configs: (tiles of the
+    dacc pass, tiles of the dx / dweight pass)."""
     (b, l, c), width = x.shape, weight.shape[0]
+    feature_config, config = configs
     n_blocks = l // config.block_l
     if activation:
-        dacc = _fwd_call(x, rank, weight, activation, config, parts, dys=dys)
+        dacc = _fwd_call(x, rank, weight, activation, feature_config, parts, dys=dys)
     else:
         dacc = dys[0] if len(dys) == 1 else jnp.concatenate(dys, axis=-1)
     kernel = functools.partial(_bwd_kernel, width=width, block_l=config.block_l,
@@ -200,27 +231,35 @@ def _bwd_call(x, rank, weight, dys, activation, config: ConvConfig, parts):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _short_conv(x, weight, rank, activation: bool, config: ConvConfig, parts):
-    """The kernels on whole tiles: L % block_l == C % block_c == 0; weight float32.  parts:
-    ((first channel block, number of blocks), ...) covering C; returns one array per part."""
-    return _fwd_call(x, rank, weight, activation, config, parts)
+def _short_conv(x, weight, rank, activation: bool, configs, parts):
+    """The kernels on whole tiles of both configs (feature passes, dx pass); weight float32.
+    parts: ((first channel, channels, scale or None), ...) covering C; one array per part."""
+    return _fwd_call(x, rank, weight, activation, configs[0], parts)
 
 
-def _short_conv_fwd(x, weight, rank, activation, config, parts):
-    return _fwd_call(x, rank, weight, activation, config, parts), (x, weight, rank)
+def _short_conv_fwd(x, weight, rank, activation, configs, parts):
+    return _fwd_call(x, rank, weight, activation, configs[0], parts), (x, weight, rank)
 
 
-def _short_conv_bwd(activation, config, parts, res, dys):
+def _short_conv_bwd(activation, configs, parts, res, dys):
     x, weight, rank = res
-    dx, dw = _bwd_call(x, rank, weight, dys, activation, config, parts)
+    dx, dw = _bwd_call(x, rank, weight, dys, activation, configs, parts)
     return dx, dw, None
 
 
 _short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)
 
 
+def head_tiles(config: ConvConfig, head_dim: int) -> ConvConfig:
+    """Tiles of the passes that L2-normalise heads: one head per tile (block_c = head_dim), as
+    many rows as keep ``config``'s tile size (at least 8)."""
+    return dataclasses.replace(
+        config, block_c=head_dim,
+        block_l=max(8, config.block_l * config.block_c // head_dim))
+
+
 def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig | None = None,
-               splits: tuple[int, ...] = ()):
+               splits: tuple[int, ...] = (), head_norm=None):
     """SiLU(causal depthwise conv) of a packed stream, restarting at every segment start.
 
     Args:
@@ -234,6 +273,13 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
         every part is a whole number of ``block_c`` channels the kernel writes each part as its
         own array (no copies to split it; the backward takes the parts' cotangents as they come,
         without concatenating them); otherwise the packed output is split.
+      head_norm: None, or (head_dim, scales) with one scale (a float, or None) per part: a part
+        with a scale s comes out as s * l2norm(SiLU(conv)) per head of head_dim channels
+        (eps ``L2NORM_EPS``), the gated delta rule's q and k features.  The kernel normalises
+        the float32 tile before rounding it (one head per tile, ``head_tiles``) and its backward
+        applies the norm's Jacobian in the same pass as SiLU's; it needs activation, a
+        power-of-two head_dim >= 16 and parts of whole tiles, else the normalisation runs in
+        XLA on the rounded output.
     Returns:
       [B, L, C] in x's dtype (accumulated in float32), or the list of parts with ``splits``;
       differentiable in x and weight (dx in x's dtype, dweight in weight's dtype).  GPU (Triton);
@@ -251,20 +297,40 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
     if any(lo > hi for lo, hi in zip(bounds, bounds[1:])):
         raise ValueError(f"short_conv: splits must be increasing channel indices in [0, {c}], "
                          f"got {list(splits)}")
-    if splits and (any(v % config.block_c for v in bounds)
-                   or any(lo == hi for lo, hi in zip(bounds, bounds[1:]))):
-        return jnp.split(short_conv(x, weight, rank, activation=activation, config=config),
-                         list(splits), axis=-1)
-    # Channel blocks of each part (without splits: one part, C rounded up to whole blocks).
-    blocks = [-(-v // config.block_c) for v in bounds]
-    parts = tuple((lo, hi - lo) for lo, hi in zip(blocks, blocks[1:]))
-    pad_l, pad_c = -l % config.block_l, -c % config.block_c
+    widths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    scales = (None,) * len(widths)
+    if head_norm is not None:
+        head_dim, scales = head_norm[0], tuple(head_norm[1])
+        if len(scales) != len(widths):
+            raise ValueError(f"short_conv: head_norm needs one scale per part ({len(widths)}), "
+                             f"got {len(scales)}")
+        if not activation:
+            raise ValueError("short_conv: head_norm needs activation=True")
+        bad = [w for w, sc in zip(widths, scales) if sc is not None and w % head_dim]
+        if bad:
+            raise ValueError(f"short_conv: a normalised part's width must be a multiple of "
+                             f"head_dim {head_dim}, got {bad}")
+    normalise = any(sc is not None for sc in scales)
+    fused = not normalise or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+    feature_config = head_tiles(config, head_dim) if normalise and fused else config
+    block_c = max(config.block_c, feature_config.block_c)
+    if not fused or (splits and (any(v % block_c for v in bounds) or 0 in widths)):
+        out = short_conv(x, weight, rank, activation=activation, config=config)
+        parts = jnp.split(out, list(splits), axis=-1) if splits else [out]
+        parts = [p if sc is None else head_l2norm(p, head_dim, sc).astype(p.dtype)
+                 for p, sc in zip(parts, scales)]
+        return parts if splits else parts[0]
+    # Without splits: one part, C rounded up to whole blocks.
+    parts = tuple(zip(bounds[:-1], widths, scales)) if splits else ((0, c + -c % block_c,
+                                                                     scales[0]),)
+    block_l = max(config.block_l, feature_config.block_l)
+    pad_l, pad_c = -l % block_l, -c % block_c
     if pad_l or pad_c:   # ragged edges: zero rows after the stream (never read by earlier rows)
         x = jnp.pad(x, ((0, 0), (0, pad_l), (0, pad_c)))
         rank = jnp.pad(rank, ((0, 0), (0, pad_l)))
         weight = jnp.pad(weight, ((0, 0), (0, pad_c)))
-    outs = _short_conv(x, weight.astype(F32), rank.astype(jnp.int32), bool(activation), config,
-                       parts)
+    outs = _short_conv(x, weight.astype(F32), rank.astype(jnp.int32), bool(activation),
+                       (feature_config, config), parts)
     if pad_l or pad_c:
         outs = [o[:, :l, :c] for o in outs]
     return list(outs) if splits else outs[0]

@@ -408,6 +408,28 @@ def test_out_dtype_rounds_o_once(impl):
         assert rel_err(a, b) < 1e-2
 
 
+def test_bf16_features_without_norm_give_bf16_gradients():
+    """The layers' call: q', k' already normalised (and q scaled) in bf16, no norm or scale in
+    the op.  The backward kernels then write dq, dk in bf16 themselves (no XLA cast after them);
+    forward and gradients match the float32 scan at bf16 tolerance."""
+    case = make_case("split_runs", seed=31)
+    q, k, v = (case[n].astype(jnp.bfloat16) for n in ("q", "k", "v"))
+    kw = dict(g=case["g"], beta=case["beta"], layout=case["layout"], initial_state=case["h0"],
+              output_final_state=True)
+    ct = cotangents(case)
+
+    def loss(impl, q, k, v):
+        o, fs = ops.packed_recurrence(case["rule"], q, k, v, impl=impl, out_dtype=v.dtype, **kw)
+        return jnp.sum(o.astype(jnp.float32) * ct[0]) + jnp.sum(fs * ct[1])
+
+    gp = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2)))(q, k, v)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    gs = jax.jit(jax.grad(functools.partial(loss, "scan"), argnums=(0, 1, 2)))(*up)
+    for a, r in zip(gp, gs):
+        assert a.dtype == jnp.bfloat16
+        assert rel_err(a, r) < 2 * BF16_REL
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_public_api_bf16(varlen):
     """bf16 q/k/v through gated_delta_rule (l2norm in the API) vs the fp32 scan, incl. varlen."""

@@ -158,17 +158,18 @@ def test_resolve_conv_impl_and_layer_routing(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("splits", [(), (1024, 2048)])
-def test_kernels_lower_for_cuda(monkeypatch, splits):
+@pytest.mark.parametrize("splits,head_norm", [((), None), ((1024, 2048), None),
+                                             ((1024, 2048), (256, (0.0625, 1.0, None)))])
+def test_kernels_lower_for_cuda(monkeypatch, splits, head_norm):
     """Forward and backward (two passes) lower to three Triton calls for an H100 without a GPU,
-    with the output packed or in parts."""
+    with the output packed, in parts, or in parts with q, k heads normalised (the layers')."""
     monkeypatch.setattr(sc, "_interpret", lambda: False)
     sds = jax.ShapeDtypeStruct
     args = (sds((2, 6400, 3072), jnp.bfloat16), sds((4, 3072), jnp.float32))
     rank = sds((2, 6400), jnp.int32)
 
     def loss(x, weight, rank):
-        out = sc.short_conv(x, weight, rank, splits=splits)
+        out = sc.short_conv(x, weight, rank, splits=splits, head_norm=head_norm)
         return sum(jnp.sum(o.astype(jnp.float32)) for o in (out if splits else [out]))
 
     with jax.sharding.use_abstract_mesh(abstract_mesh()):
@@ -177,3 +178,49 @@ def test_kernels_lower_for_cuda(monkeypatch, splits):
     assert text.count("__gpu$xla.gpu.triton") == 3
     for name in ("short_conv_fwd", "short_conv_bwd_dacc", "short_conv_bwd"):
         assert name in text
+
+
+@pytest.mark.parametrize("head_dim,splits,scales,config", [
+    (32, (64, 128), (0.25, 1.0, None), SMALL),             # q, k normalised, v plain
+    (64, (128, 256), (0.125, 1.0, None), sc.ConvConfig()),  # head tiles of 64 rows x 64
+    (16, (), (0.5,), SMALL),                               # one part, tiles of 64 x 16
+    (24, (48, 96), (0.2, 1.0, None), SMALL),               # head_dim not a power of two: XLA norm
+])
+def test_head_norm_matches_xla_autodiff(head_dim, splits, scales, config):
+    """``head_norm``: the parts with a scale are scale * l2norm(SiLU(conv)) per head, equal to
+    XLA's (float32 norm of the float32 output) in value and in dx, dweight (the kernel applies
+    the norm's Jacobian in its dacc pass); negative ranks still give exact zeros."""
+    b, l, w = 2, 100, 4
+    c = (splits[-1] + splits[-1] // 2) if splits else 3 * head_dim
+    x, weight, rank, dy = _stream(11, b, l, c, w, p_start=0.3)
+    rank = rank.at[:, -5:].set(-1)
+    norm = (head_dim, scales)
+
+    def xla(x, weight):
+        return lc.short_conv_packed(x, weight, rank, impl="xla", splits=splits, head_norm=norm)
+
+    def kernel(x, weight):
+        return sc.short_conv(x, weight, rank, config=config, splits=splits, head_norm=norm)
+
+    dys = jnp.split(dy, splits, axis=-1) if splits else dy
+    out_ref, vjp_ref = jax.vjp(xla, x, weight)
+    out, vjp = jax.vjp(kernel, x, weight)
+    outs, outs_ref = (out, out_ref) if splits else ([out], [out_ref])
+    for got, want, scale in zip(outs, outs_ref, scales):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert float(jnp.max(jnp.abs(got[:, -5:]))) == 0.0
+        if scale is not None:       # unit-norm heads (times the scale) where the output is not 0
+            norms = jnp.linalg.norm(got.reshape(b, l, -1, head_dim), axis=-1)[:, :-5]
+            np.testing.assert_allclose(norms[norms > 0], scale, rtol=1e-3)
+    for got, want in zip(vjp(dys), vjp_ref(dys)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_head_norm_errors():
+    x, weight, rank, _ = _stream(3, 1, 16, 64, 4)
+    with pytest.raises(ValueError, match="one scale per part"):
+        sc.short_conv(x, weight, rank, splits=(32,), head_norm=(16, (1.0,)))
+    with pytest.raises(ValueError, match="activation"):
+        sc.short_conv(x, weight, rank, activation=False, head_norm=(16, (1.0,)))
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        sc.short_conv(x, weight, rank, splits=(40,), head_norm=(16, (1.0, None)))

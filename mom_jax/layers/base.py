@@ -98,20 +98,20 @@ class RecurrentMixer(nnx.Module):
         """Scale of the L2-normalised queries: dk ** -0.5."""
         return self.head_dim ** -0.5
 
-    def _split_features(self, qkv, extra, valid=None, *, qk_in_op: bool = False):
+    def _split_features(self, qkv, extra, valid=None, *, qk_normalised: bool = False):
         """Post-activation q, k, v and raw b|a -> (q, k, v, g, beta) per head; g and beta masked
         where not valid.
 
-        qkv: (q [..., Kd], k [..., Kd], v [..., Vd]) as ``_activate_stream`` gives them, zero where
-        not valid (the callers' raw inputs are zero there and the conv restarts: no select, which
-        XLA on GPU emitted as transpose -> select -> transpose, benchmarks/NOTES.md sessions 7
-        and 9); extra: [..., nb+na] raw; valid: bool [...] or None.
-        qk_in_op: leave q, k raw (qkv's dtype) for an op that normalises them itself
-          (``_recurrence``: q <- l2norm(q) * q_scale, k <- l2norm(k) inside the op, the same
-          function).
-        Returns q, k: [..., H, dk] float32 (L2-normalised, q scaled by dk**-0.5; raw with
-        qk_in_op); v: [..., H, dv]; g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or None;
-        beta: [..., H] float32 or None.
+        qkv: (q [..., Kd], k [..., Kd], v [..., Vd]), zero where not valid (the callers' raw
+        inputs are zero there and the conv restarts: no select, which XLA on GPU emitted as
+        transpose -> select -> transpose, benchmarks/NOTES.md sessions 7 and 9); extra:
+        [..., nb+na] raw; valid: bool [...] or None.
+        qk_normalised: q, k are already the features (``_activate_stream``'s: l2norm(q) *
+          q_scale, l2norm(k) per head) and stay as given; else they are SiLU outputs and are
+          normalised here (the decode step).
+        Returns q, k: [..., H, dk] (L2-normalised, q scaled by dk**-0.5; float32 unless given
+        normalised); v: [..., H, dv]; g: [..., H] (gated delta) / [..., H, dk] (GLA) float32 or
+        None; beta: [..., H] float32 or None.
         """
         kd, h = self.key_dim, self.num_heads
         q, k, v = qkv
@@ -119,7 +119,7 @@ class RecurrentMixer(nnx.Module):
         q = q.reshape(lead + (h, self.head_dim))
         k = k.reshape(lead + (h, self.head_dim))
         v = v.reshape(lead + (h, self.head_v_dim))
-        if not qk_in_op:
+        if not qk_normalised:
             q = oc.l2norm(q) * self.q_scale
             k = oc.l2norm(k)
         beta = g = None
@@ -140,25 +140,32 @@ class RecurrentMixer(nnx.Module):
         return q, k, v, g, beta
 
     def _activate_stream(self, qkv_raw, rank):
-        """Short conv (restarting where rank == 0; zero output where rank < 0) + SiLU, or SiLU
-        alone: [B, L, 2Kd+Vd] -> (q [B, L, Kd], k [B, L, Kd], v [B, L, Vd]).  The Pallas conv
-        kernel where ``ops.resolve_conv_impl(self.impl)`` picks it, which writes the three as
-        separate arrays (no split copies, and no concatenation of their cotangents)."""
+        """The features of a packed stream: short conv (restarting where rank == 0; zero output
+        where rank < 0) + SiLU, or SiLU alone, then the q/k L2-norm per head:
+        [B, L, 2Kd+Vd] -> (q' = l2norm(q) * q_scale [B, L, Kd], k' = l2norm(k) [B, L, Kd],
+        v [B, L, Vd]) in qkv_raw's dtype.  The Pallas conv kernel where
+        ``ops.resolve_conv_impl(self.impl)`` picks it: it writes the three as separate arrays
+        (no split copies, no concatenation of their cotangents) and normalises the float32 tile
+        before rounding it, its backward applying the norm's Jacobian in the pass that applies
+        SiLU's (the norm's own XLA passes, 0.4 ms of a MoM layer's fwd+bwd on an H100, are gone:
+        benchmarks/NOTES.md session 11)."""
         splits = (self.key_dim, 2 * self.key_dim)
+        head_norm = (self.head_dim, (self.q_scale, 1.0, None))
         if self.use_short_conv:
             return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank, impl=self.impl,
-                                        splits=splits)
-        return jnp.split(jax.nn.silu(qkv_raw), splits, axis=-1)
+                                        splits=splits, head_norm=head_norm)
+        q, k, v = jnp.split(jax.nn.silu(qkv_raw.astype(jnp.float32)), splits, axis=-1)
+        return (oc.head_l2norm(q, self.head_dim, self.q_scale).astype(qkv_raw.dtype),
+                oc.head_l2norm(k, self.head_dim).astype(qkv_raw.dtype), v.astype(qkv_raw.dtype))
 
     def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):
-        """The update rule over a packed stream, from the raw q, k of
-        ``_split_features(..., qk_in_op=True)``: the op L2-normalises them and scales q by
-        ``q_scale`` (inside the Pallas kernel's custom VJP with impl "pallas").  o comes back in
+        """The update rule over a packed stream, from the normalised q', k' of
+        ``_activate_stream`` (so the op neither normalises nor scales them).  o comes back in
         v's dtype (the layer's compute dtype; the Pallas output kernel writes it directly)."""
         return ops.packed_recurrence(self.update_rule, q, k, v, g=g, beta=beta, layout=layout,
                                      initial_state=initial_state,
-                                     output_final_state=output_final_state, use_qk_l2norm=True,
-                                     scale=self.q_scale, impl=self.impl, out_dtype=v.dtype)
+                                     output_final_state=output_final_state, impl=self.impl,
+                                     out_dtype=v.dtype)
 
     def _step_features(self, conv_buf, qkv_raw, extra, conv_weight):
         """Short conv step (or SiLU) and feature maps of one token for one or more memories.

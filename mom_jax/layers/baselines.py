@@ -61,7 +61,7 @@ class SingleMemoryLayer(RecurrentMixer):
         # rank -1 on the padding after the last token: the conv output there is exactly zero.
         rank = jnp.where(valid, pos, -1)
         qkv = self._activate_stream(qkv_raw, rank)
-        q, k, v, g, beta = self._split_features(qkv, extra, valid, qk_in_op=True)
+        q, k, v, g, beta = self._split_features(qkv, extra, valid, qk_normalised=True)
         o, final = self._recurrence(q, k, v, g, beta, layout, None, output_final_state)
         out = self.head(o[:, :t], xc)
         if not output_final_state:

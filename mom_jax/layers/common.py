@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mom_jax import ops
+from mom_jax.ops import common as oc
 
 LINEAR_INIT_GAIN = 2 ** -2.5
 
@@ -52,7 +53,7 @@ def gla_log_decay(gk_raw):
 
 
 def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "xla",
-                      splits: tuple[int, ...] = ()):
+                      splits: tuple[int, ...] = (), head_norm=None):
     """Depthwise causal conv along a packed stream, restarting (zero history) at every segment.
 
     Args:
@@ -63,19 +64,30 @@ def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "
         ``ops.resolve_conv_impl`` picks it; otherwise the shifted adds below (XLA).
       splits: channel indices to split the output at (``jnp.split``); the kernel writes the parts
         as separate arrays.
+      head_norm: None or (head_dim, one scale or None per part): parts with a scale s come out
+        as s * L2-normalised heads (``oc.head_l2norm`` of the float32 output; the kernel fuses
+        it, ``pallas_kernels.short_conv``).  Needs activation.
     Returns:
       SiLU(conv(x)) [B, L, C] in x's dtype (accumulated in float32), or its parts with splits.
     """
     if ops.resolve_conv_impl(impl) == "pallas":
-        return ops.short_conv_kernel()(x, weight, rank, activation=activation, splits=splits)
+        return ops.short_conv_kernel()(x, weight, rank, activation=activation, splits=splits,
+                                       head_norm=head_norm)
     w_size = weight.shape[0]
     acc = jnp.zeros(x.shape, jnp.float32)
     for shift in range(w_size):
         xs = x if shift == 0 else jnp.pad(x[:, :-shift], ((0, 0), (shift, 0), (0, 0)))
         tap = weight[w_size - 1 - shift].astype(jnp.float32)
         acc = acc + jnp.where((rank >= shift)[..., None], xs.astype(jnp.float32) * tap, 0.0)
-    out = (jax.nn.silu(acc) if activation else acc).astype(x.dtype)
-    return jnp.split(out, list(splits), axis=-1) if splits else out
+    out = jax.nn.silu(acc) if activation else acc
+    if head_norm is None:
+        out = out.astype(x.dtype)
+        return jnp.split(out, list(splits), axis=-1) if splits else out
+    head_dim, scales = head_norm
+    parts = jnp.split(out, list(splits), axis=-1) if splits else [out]
+    parts = [(p if s is None else oc.head_l2norm(p, head_dim, s)).astype(x.dtype)
+             for p, s in zip(parts, scales)]
+    return parts if splits else parts[0]
 
 
 def short_conv_step(buffer, x, weight, *, activation: bool = True):

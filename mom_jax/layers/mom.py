@@ -191,7 +191,7 @@ class MoMLayer(RecurrentMixer):
         qkv_raw, extra = self._stream_raw(xc, idx, plan)
         qkv = self._activate_stream(qkv_raw, plan.slot_rank)
         # Padding slots are zero in qkv (zero raw inputs, rank 0: the conv restarts there).
-        q, k, v, g, beta = self._split_features(qkv, extra, plan.valid, qk_in_op=True)
+        q, k, v, g, beta = self._split_features(qkv, extra, plan.valid, qk_normalised=True)
         o, final = self._recurrence(q, k, v, g, beta, plan.layout, None, output_final_state)
         y = routing.combine(o, weights, plan)                                    # [B, T, H, dv]
         out = self.head(y, xc)

@@ -29,6 +29,13 @@ def l2norm(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
     return l2norm_rstd(x, eps)[0]
 
 
+def head_l2norm(x: jax.Array, head_dim: int, scale: float = 1.0) -> jax.Array:
+    """``l2norm`` of each head of ``head_dim`` channels of x [..., n * head_dim], times scale:
+    the gated delta rule's q (scale dk**-0.5) and k (scale 1) features.  Float32 result."""
+    heads = x.reshape(x.shape[:-1] + (-1, head_dim))
+    return (l2norm(heads) * scale).reshape(x.shape)
+
+
 def l2norm_rstd(x: jax.Array, eps: float = L2NORM_EPS) -> tuple[jax.Array, jax.Array]:
     """(l2norm(x), rstd): y = x * rstd with rstd = 1 / sqrt(sum(x**2, -1) + eps).
 

@@ -232,7 +232,10 @@ def _qk_out(dq, dk, q, k, rstd, scale: float, rowdots=None):
     rowdots: (<dq', q'>, <dk', k'>) [B, L, H] float32 from the backward kernels, or None.  With
     y = l2norm(q) = q' / scale and dy = scale dq', <dy, y> = <dq', q'>: given the row sums, the
     Jacobian is one elementwise pass per tensor (no separate reduction pass over float32 dq/dk)."""
-    dq, dk = dq[..., :q.shape[-1]].astype(F32), dk[..., :k.shape[-1]].astype(F32)
+    dq, dk = dq[..., :q.shape[-1]], dk[..., :k.shape[-1]]
+    if rstd is None and scale == 1.0:
+        return dq.astype(q.dtype), dk.astype(k.dtype)
+    dq, dk = dq.astype(F32), dk.astype(F32)
     if scale != 1.0:
         dq = dq * scale
     if rstd is not None:
@@ -394,11 +397,16 @@ def _core_bwd(num_segments, chunk, has_g, config, qk_norm, scale, out_dtype, res
         interpret = _interpret()
         op_dtype = triton_common.operand_dtype(config.precision, interpret)
         dkp = _padded_dim(q.shape[-1])
-        qn, kn = _qk_in_from_rstd(q, k, rstd, scale)   # the forward kernels' q', k'
+        plain = rstd is None and scale == 1.0
+        # The forward kernels' q', k': the inputs themselves without norm and scale (then the
+        # kernels also write dq, dk in the inputs' dtypes: nothing is left for XLA to do).
+        qn, kn = (q, k) if plain else _qk_in_from_rstd(q, k, rstd, scale)
         extra = (_operands(qn, op_dtype, dkp), _operands(kn, op_dtype, dkp), *res[7])
+        out_dtypes = (q.dtype, k.dtype) if plain and dkp == q.shape[-1] else (F32, F32)
         *grads, rowdots = triton_bwd.backward((*res[:7], extra), do, dfinal,
                                               num_segments=num_segments, chunk=chunk,
-                                              has_g=has_g, config=config, interpret=interpret)
+                                              has_g=has_g, config=config, interpret=interpret,
+                                              dqk_dtypes=out_dtypes)
     elif use_pallas and backend == "mosaic":
         grads = _mosaic_bwd(res, do, dfinal, num_segments, chunk, has_g, config, scale)
     else:

@@ -293,10 +293,11 @@ def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, 
 
 
 def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret, num_warps,
-         block_k, block_v, blocks_first=False):
+         block_k, block_v, blocks_first=False, dq_dtype=F32):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; h, dh [B, H, Nc, dk, dv]; v_new, do, du [B, L, H, dv];
     seg [B, Nc]; blocks_first: launch a chunk's key-block programs side by side
-    (``tc.blocks_first``: each reads the chunk's whole dO, v_new and du).  Returns (dq [B, L, H, dk] float32, dK_direct [B, L, H, dk] float32,
+    (``tc.blocks_first``: each reads the chunk's whole dO, v_new and du).  Returns (dq
+    [B, L, H, dk] in dq_dtype (computed in float32), dK_direct [B, L, H, dk] float32,
     dW [B, L, H, dk] (``tc.operand_dtype``), dG shares [dk/BK, B, H, L] float32, shares of the
     row sums <dq, q> [dk/BK, B, H, L] float32 (for the L2-norm Jacobian)); zero on chunks of no
     segment."""
@@ -305,7 +306,7 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
     bk = min(block_k, dk)
     nk = dk // bk
     sp = tc.ChunkSpecs(b, l, chunk)
-    out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), F32),
+    out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), dq_dtype),
                  jax.ShapeDtypeStruct((b, l, hh, dk), F32),
                  jax.ShapeDtypeStruct((b, l, hh, dk), tc.operand_dtype(precision, interpret)),
                  jax.ShapeDtypeStruct((nk, b, hh, l), F32),
@@ -375,7 +376,7 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
             dkb = mm(t, dw_b, ta=True)                    # T^T dW
             dkbk = jnp.sum(dkb * kf_b, axis=1)
             dk_b = dkd_ref[:, col] + dkb * beg + mm(dkk, k_b) + mm(dkk, k_b, ta=True)
-            dk_ref[:, col] = dk_b
+            dk_ref[:, col] = dk_b.astype(dk_ref.dtype)
             return (dbeta + dkbk * gates.eg, dg + dkbk * beg[:, 0],
                     k_dk + jnp.sum(dk_b * kf_b, axis=1))
 
@@ -387,17 +388,17 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
 
 
 def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision, interpret,
-           num_warps, block_k, block_v, dv_dtype=F32):
+           num_warps, block_k, block_v, dv_dtype=F32, dk_dtype=F32):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C];
     dw [B, L, H, dk]; du [B, L, H, dv]; dk_direct [B, L, H, dk] float32 (its buffer is reused for
-    dk); seg [B, Nc].  Returns (dk [B, L, H, dk] float32, dv [B, L, H, dv] in dv_dtype (the op's
+    dk when dk_dtype is float32); seg [B, Nc].  Returns (dk [B, L, H, dk] in dk_dtype, dv [B, L, H, dv] in dv_dtype (the op's
     v dtype: written once, not as float32 and cast by XLA), dbeta [B, H, L] float32, dG share
     [B, H, L] float32, row sums <dk, k> [B, H, L] float32 (for the L2-norm Jacobian)), all zero
     on chunks of no segment."""
     b, l, hh, dk = k.shape
     dv = v.shape[-1]
     sp = tc.ChunkSpecs(b, l, chunk)
-    out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), F32),
+    out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), dk_dtype),
                  jax.ShapeDtypeStruct((b, l, hh, dv), dv_dtype),
                  jax.ShapeDtypeStruct((b, hh, l), F32),
                  jax.ShapeDtypeStruct((b, hh, l), F32),
@@ -409,7 +410,7 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
         in_specs=[sp.seg(), sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.tmat(), sp.tok(dk),
                   sp.tok(dv), sp.tok(dk)],
         out_specs=(sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.gate()),
-        input_output_aliases={8: 0},
+        input_output_aliases={8: 0} if jnp.dtype(dk_dtype) == F32 else {},
         compiler_params=tc.triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_wy",
     )(seg, k, v, beta_t, gcum_t, t, dw, du, dk_direct)
 
@@ -434,14 +435,15 @@ def _bwd_walk_stages(config, chunk: int, dk: int, block_v: int, itemsize: int,
     return stages if per_stage * stages <= budget else 1
 
 
-def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
+def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret,
+             dqk_dtypes=(F32, F32)):
     """Gradients (dq, dk, dv, dg, dbeta, dinit, rowdots) for ``api._gated_delta_core`` from its
     residuals (q, k, v, g, beta, init, chunk_segment, extra).
 
     dq, dk are w.r.t. the kernels' q', k' (normalised / scaled, head dim padded; ``api._core_bwd``
-    builds them and passes them first in ``extra``):
-    [B, L, H, dkp] float32; ``api._qk_out`` slices them and applies the q scale and the L2-norm
-    Jacobian, with rowdots = (<dq, q>, <dk, k>) [B, L, H] float32 summed by the dq/dk/dW and WY
+    builds them and passes them first in ``extra``): [B, L, H, dkp] in ``dqk_dtypes`` (float32
+    unless nothing but a cast follows); ``api._qk_out`` slices them and applies the q scale and
+    the L2-norm Jacobian, with rowdots = (<dq, q>, <dk, k>) [B, L, H] float32 summed by the dq/dk/dW and WY
     kernels.  dv [B, L, H, dv] in v's dtype, dg [B, L, H] (None without g), dbeta [B, L, H],
     dinit [B, S, H, dk, dv] float32 (None without init)."""
     from mom_jax.ops.common import PackedLayout  # noqa: PLC0415
@@ -471,9 +473,10 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret):
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize),
         blocks_first=config.blocks_first, **walk_in, **common)
     dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
-                                        blocks_first=config.blocks_first, **par, **common)
+                                        blocks_first=config.blocks_first,
+                                        dq_dtype=dqk_dtypes[0], **par, **common)
     dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
-                                        dv_dtype=v.dtype, **common)
+                                        dv_dtype=v.dtype, dk_dtype=dqk_dtypes[1], **common)
     dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg
     dg = jnp.transpose(dg, (0, 2, 1))
     dbeta = jnp.transpose(dbeta, (0, 2, 1))
