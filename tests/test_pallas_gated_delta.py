@@ -335,14 +335,25 @@ def test_chunk64_many_chunks_and_odd_head_dims():
     assert_pallas_matches_scan(case)
 
 
-@pytest.mark.parametrize("blocks_first", [True, False])
-def test_several_key_and_value_tiles(blocks_first):
+@pytest.mark.parametrize("launch", [True, False])
+def test_several_key_and_value_tiles(launch):
     """dk=32 as two 16-wide key tiles, dv=48 (padded to 64) as 16-wide value blocks: several walk
     programs per head, loops over value and key blocks inside the chunk-parallel kernels, dG shares
-    of the key blocks; the block programs launched first (default) or last in the grid."""
-    config = gd_api.Config(block_k=16, block_v=16, par_block_v=16, blocks_first=blocks_first)
+    of the key blocks; launch orders: the defaults (dq/dk/dW key blocks first in the grid, the
+    walks longest first) or the given orders."""
+    config = gd_api.Config(block_k=16, block_v=16, par_block_v=16, blocks_first=launch,
+                           longest_first=launch)
     case = make_case("packed", dk=32, dv=48, seed=17)
     assert_pallas_matches_scan(case, config)
+
+
+def test_walk_order_longest_first():
+    """Walk ids by length, longest first; ties keep their order; empty walks last."""
+    lo = jnp.array([0, 3, 5, 5, 9, 0], jnp.int32)
+    hi = jnp.array([3, 5, 9, 5, 12, 4], jnp.int32)
+    from pallas_kernels.gated_delta import triton_common  # noqa: PLC0415
+    assert triton_common.walk_order(lo, hi).tolist() == [2, 5, 0, 4, 1, 3]
+    assert triton_common.walk_order(lo, hi, longest_first=False).tolist() == list(range(6))
 
 
 def test_default_blocks_at_dk128():

@@ -98,11 +98,12 @@ class Config:
       P^T dO kernel, so that the dS walk loads neither q nor dO and runs 4 fewer dots per step.
       Off by default since the 4-warp walks (H100 run 6: fwd+bwd equal at dk = 128, 2-7% faster
       without it at dk = 256 and at T = 16384, and it saves that [B, H, Nc, dk, dv] array).
-    blocks_first: launch the programs that read the same tiles side by side (Triton:
-      ``triton_common.blocks_first``): a segment's value blocks in the two walks (each reads the
-      segment's K and W, and q in the dS walk), a chunk's key blocks in the dq/dk/dW kernel (each
-      reads the chunk's dO, v_new and du), so the later ones hit L2.  False: the logical grid
-      order, the block axis slowest.
+    blocks_first: launch a chunk's key-block programs of the dq/dk/dW kernel side by side
+      (``triton_common.blocks_first``; each reads the chunk's dO, v_new and du, so the later ones
+      hit L2).  False: the logical grid order, the key blocks slowest.  The walks always launch a
+      segment's value blocks side by side (``triton_common.WalkSpecs``).
+    longest_first: the Triton walks launch the longest (row, segment) walks first (a MoM
+      layer's shared-memory segments are the longest); False: in row order.
     """
     backend: str = "auto"
     precision: str = "bf16"
@@ -121,6 +122,7 @@ class Config:
     bwd_num_stages: int | None = None
     bwd_qdo: bool = False
     blocks_first: bool = True
+    longest_first: bool = True
 
     def __post_init__(self):
         if self.bwd not in ("pallas", "xla"):
@@ -323,7 +325,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
         block_v=block_v, precision=config.precision, interpret=interpret,
         num_warps=config.walk_warps(dkp, block_v),
         num_stages=config.walk_stages(dkp, walks * (dvp // block_v)),
-        block_k=block_k, rk=rk, blocks_first=config.blocks_first)
+        block_k=block_k, rk=rk, longest_first=config.longest_first)
     o, rq = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
                                     precision=config.precision, interpret=interpret,
                                     num_warps=config.par_num_warps, block_k=block_k,

@@ -72,17 +72,19 @@ def state_grad_step(ks, ws, dv_local, gates: tc.Gates, dss, precision, *, qs=Non
     return du, ds0s
 
 
-def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precision,
-                 blocks_first):
+def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precision):
     refs = list(refs)
     dinit_ref = refs.pop() if has_init else None
     du_ref, dh_ref = refs.pop(), refs.pop()
     if has_init:
         refs.pop()  # zeros aliased to dinit
-    (lo_ref, hi_ref, seg_ref, last_ref, first_ref, k_ref, w_ref, g_ref, dvl_ref, dfinal_ref,
-     *q_or_qdo) = refs
-    p_id = tc.program_index(0, blocks_first)
-    s = p_id % num_segments
+    order_ref, lo_ref, hi_ref, *row_refs = refs
+    p_id, row, s = tc.walk_program(order_ref, num_segments)
+    (seg_ref, last_ref, first_ref, k_ref, w_ref, g_ref, dvl_ref, dfinal_ref, *q_or_qdo) = (
+        tc.RowView(r, row) for r in row_refs)
+    dfinal_ref = tc.RowView(dfinal_ref.ref, row, s)
+    du_ref, dh_ref = tc.RowView(du_ref, row), tc.RowView(dh_ref, row)
+    dinit_ref = None if dinit_ref is None else tc.RowView(dinit_ref, row, s)
     lo, hi = lo_ref[p_id], hi_ref[p_id]
     dk, bv = dfinal_ref.shape
     kb = tc.blocks(dk, block_k)
@@ -140,11 +142,11 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precis
 
 def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *, q=None, do=None,
                     qdo=None, chunk, num_segments, block_v, has_init, precision, interpret,
-                    num_warps, block_k, num_stages=2, blocks_first=False):
+                    num_warps, block_k, num_stages=2, longest_first=True):
     """k, w [B, L, H, dk]; gcum_t [B, H, L]; dv_local [B, L, H, dv]; dfinal [B, S, H, dk, dv]
     float32; lo, hi [B*S]; seg, first, last [B, Nc]; either q [B, L, H, dk] and do [B, L, H, dv],
-    or qdo [B, H, Nc, dk, dv] (Q^T diag(e^G) dO per chunk, from ``dv_local``); blocks_first:
-    launch a segment's value-block programs side by side (``tc.blocks_first``).
+    or qdo [B, H, Nc, dk, dv] (Q^T diag(e^G) dO per chunk, from ``dv_local``); longest_first:
+    launch the longest walks first (``tc.WalkSpecs``), else in row order.
     Returns (dh [B, H, Nc, dk, dv] (cotangent of the state after each visited chunk),
     du [B, L, H, dv] (cotangent of v_new), both in ``tc.operand_dtype(precision)`` and undefined
     on unvisited chunks, d(initial state) [B, S, H, dk, dv] float32 or None)."""
@@ -153,9 +155,10 @@ def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *,
     s = num_segments
     nc = l // chunk
     sp = tc.WalkSpecs(b, s, l, chunk)
-    in_specs = [sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.flags(), sp.seq(dk),
-                sp.seq(dk), sp.gate(), sp.seq_v(block_v), sp.segment_state(dk, block_v)]
-    args = [lo, hi, seg, last, first, k, w, gcum_t, dv_local, dfinal]
+    in_specs = [sp.ranges(), sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.flags(),
+                sp.seq(dk), sp.seq(dk), sp.gate(), sp.seq_v(block_v), sp.segment_state(dk, block_v)]
+    args = [tc.walk_order(lo, hi, longest_first), lo, hi, seg, last, first, k, w, gcum_t,
+            dv_local, dfinal]
     if qdo is not None:
         in_specs.append(sp.per_chunk_states(dk, block_v))
         args.append(qdo)
@@ -173,15 +176,11 @@ def state_grad_walk(k, w, gcum_t, dv_local, dfinal, lo, hi, seg, first, last, *,
         aliases[len(args) - 1] = 2
         out_shape.append(jax.ShapeDtypeStruct((b, s, hh, dk, dv), F32))
         out_specs.append(sp.segment_state(dk, block_v))
-    grid = (b * s, hh, dv // block_v)
-    if blocks_first:
-        grid, in_specs, out_specs = tc.blocks_first(grid, in_specs, out_specs)
     outs = pl.pallas_call(
         functools.partial(_walk_kernel, chunk=chunk, num_segments=s, has_init=has_init,
                           with_qdo=qdo is not None, block_k=min(block_k, dk),
-                          precision=resolve_precision(precision, interpret),
-                          blocks_first=blocks_first),
-        out_shape=tuple(out_shape), grid=grid, in_specs=in_specs,
+                          precision=resolve_precision(precision, interpret)),
+        out_shape=tuple(out_shape), grid=sp.grid(hh, dv // block_v), in_specs=in_specs,
         out_specs=tuple(out_specs), input_output_aliases=aliases,
         compiler_params=tc.triton_params(num_warps, num_stages), interpret=interpret,
         name="gdn_bwd_state_walk",
@@ -471,7 +470,7 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret,
         kp, w, gcum_t, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
         block_v=block_v, has_init=has_init, num_warps=config.walk_warps(dkp, block_v),
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize),
-        blocks_first=config.blocks_first, **walk_in, **common)
+        longest_first=config.longest_first, **walk_in, **common)
     dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
                                         blocks_first=config.blocks_first,
                                         dq_dtype=dqk_dtypes[0], **par, **common)

@@ -2,8 +2,8 @@
 parameters, block specs of the two grid kinds, and loading one chunk's tiles inside a kernel.
 
 Two grid kinds are used:
-  * segment walks (``WalkSpecs``): grid (B*S, H, dv/BV); program (p, i, j) walks the chunks of
-    segment p % S of row p // S, head i, value block j, and sees the whole row's sequence;
+  * segment walks (``WalkSpecs``): grid (dv/BV, H, B*S); program (j, i, r) walks value block j of
+    head i of the r-th longest (row, segment) walk, and sees the whole sequence of every row;
   * chunk-parallel kernels (``ChunkSpecs``): grid (B*Nc, H[, n]); program (p, i, .) sees chunk
     p % Nc of row p // Nc, head i.
 Tensors are in the packed layout: time-major [B, L, H, d] sequences, head-major [B, H, L] gates,
@@ -199,49 +199,96 @@ def last_row_mask(c: int):
 
 
 class WalkSpecs:
-    """Block specs of a segment-walk kernel, grid (B*S, H, dv/BV)."""
+    """Block specs of a segment-walk kernel.
+
+    Launch grid (dv/BV, H, B*S): program (j, i, r) walks value block j of head i of the r-th
+    longest (row, segment) walk, ``walk_order``'s ``order[r]`` = row * S + segment.  The value
+    blocks of a walk launch side by side (they read the same K, W and q tiles: the later ones hit
+    L2) and the longest walks first (the shared memory's segments of a MoM layer are 2x-4x longer
+    than the routed ones: launched in row order, some started last and ran alone; longest first
+    is the classic list-scheduling fix).  Since the row is only known inside the kernel (from
+    ``order``), the specs hold every batch row and the kernel views them with ``RowView``."""
 
     def __init__(self, b: int, s: int, l: int, chunk: int):
         self.b, self.s, self.l, self.nc = b, s, l, l // chunk
         self.chunk = chunk
 
-    def row(self, p):
-        return p // self.s
+    def grid(self, h: int, value_blocks: int) -> tuple:
+        return (value_blocks, h, self.b * self.s)
 
     def ranges(self):
-        """lo / hi [B*S] int32 (whole array, scalars read by program id)."""
-        return pl.BlockSpec((self.b * self.s,), lambda p, i, j: (0,))
+        """lo / hi / order [B*S] int32 (whole array, scalars read by walk id)."""
+        return pl.BlockSpec((self.b * self.s,), lambda j, i, r: (0,))
 
     def flags(self):
-        """Per-chunk int32 flags of the program's row: [Nc]."""
-        return pl.BlockSpec((None, self.nc), lambda p, i, j: (self.row(p), 0))
+        """Per-chunk int32 flags [B, Nc] (every row)."""
+        return pl.BlockSpec((self.b, self.nc), lambda j, i, r: (0, 0))
 
     def seq(self, d: int):
-        """A whole [L, d] sequence of the program's row and head (all of its last dim)."""
-        return pl.BlockSpec((None, self.l, None, d), lambda p, i, j: (self.row(p), 0, i, 0))
+        """A [B, L, H, d] sequence at the program's head, all of its last dim: [B, L, d]."""
+        return pl.BlockSpec((self.b, self.l, None, d), lambda j, i, r: (0, 0, i, 0))
 
     def seq_v(self, bv: int):
-        """The program's value block of a [B, L, H, dv] sequence: [L, BV]."""
-        return pl.BlockSpec((None, self.l, None, bv), lambda p, i, j: (self.row(p), 0, i, j))
+        """The program's head and value block of a [B, L, H, dv] sequence: [B, L, BV]."""
+        return pl.BlockSpec((self.b, self.l, None, bv), lambda j, i, r: (0, 0, i, j))
 
     def gate(self):
-        """A [B, H, L] gate of the program's row and head: [L]."""
-        return pl.BlockSpec((None, None, self.l), lambda p, i, j: (self.row(p), i, 0))
+        """A [B, H, L] gate at the program's head: [B, L]."""
+        return pl.BlockSpec((self.b, None, self.l), lambda j, i, r: (0, i, 0))
 
     def row_vector(self):
-        """A [B, L, H] per-token float32 vector (the inverse key norms) of the program's row and
-        head: [L]."""
-        return pl.BlockSpec((None, self.l, None), lambda p, i, j: (self.row(p), 0, i))
+        """A [B, L, H] per-token float32 vector (the inverse key norms) at the program's head:
+        [B, L]."""
+        return pl.BlockSpec((self.b, self.l, None), lambda j, i, r: (0, 0, i))
 
     def per_chunk_states(self, dk: int, bv: int):
-        """[B, H, Nc, dk, dv] per-chunk states, the program's value block: [Nc, dk, BV]."""
-        return pl.BlockSpec((None, None, self.nc, dk, bv),
-                            lambda p, i, j: (self.row(p), i, 0, 0, j))
+        """[B, H, Nc, dk, dv] per-chunk states, the program's head and value block:
+        [B, Nc, dk, BV]."""
+        return pl.BlockSpec((self.b, None, self.nc, dk, bv), lambda j, i, r: (0, i, 0, 0, j))
 
     def segment_state(self, dk: int, bv: int):
-        """[B, S, H, dk, dv] segment states, the program's segment and value block: [dk, BV]."""
-        return pl.BlockSpec((None, None, None, dk, bv),
-                            lambda p, i, j: (self.row(p), p % self.s, i, 0, j))
+        """[B, S, H, dk, dv] segment states, the program's head and value block:
+        [B, S, dk, BV]."""
+        return pl.BlockSpec((self.b, self.s, None, dk, bv), lambda j, i, r: (0, 0, i, 0, j))
+
+
+def walk_order(lo, hi, longest_first: bool = True):
+    """[B*S] int32 walk ids (row * S + segment) in launch order: by length hi - lo, longest
+    first (stable: ties keep row order), or as given."""
+    if not longest_first:
+        return jnp.arange(lo.shape[0], dtype=jnp.int32)
+    return jnp.argsort(lo - hi, stable=True).astype(jnp.int32)
+
+
+def walk_program(order_ref, num_segments: int):
+    """(walk id, row, segment) of this walk program (``WalkSpecs`` launch grid)."""
+    w = order_ref[pl.program_id(2)]
+    return w, w // num_segments, w % num_segments
+
+
+class RowView:
+    """A ref whose leading dims hold every batch row (and segment), seen at one (traced) index
+    prefix: ``view[idx]`` is ``ref[(*prefix, *idx)]``, for loads and stores alike."""
+
+    def __init__(self, ref, *prefix):
+        self.ref, self.prefix = ref, prefix
+
+    @property
+    def shape(self):
+        return self.ref.shape[len(self.prefix):]
+
+    @property
+    def dtype(self):
+        return self.ref.dtype
+
+    def _index(self, idx):
+        return (*self.prefix, *(idx if isinstance(idx, tuple) else (idx,)))
+
+    def __getitem__(self, idx):
+        return self.ref[self._index(idx)]
+
+    def __setitem__(self, idx, value):
+        self.ref[self._index(idx)] = value
 
 
 class ChunkSpecs:

@@ -309,15 +309,18 @@ def state_step(ks, ws, u_pre, gates: tc.Gates, states, precision, rk=None):
     return v_new, [gates.egl * s_b + mm(k_b, vd, ta=True) for k_b, s_b in zip(ks, states)]
 
 
-def _walk_kernel(*refs, chunk, num_segments, has_init, has_rk, block_k, precision,
-                 blocks_first):
+def _walk_kernel(*refs, chunk, num_segments, has_init, has_rk, block_k, precision):
     refs = list(refs)
     final_ref, vnew_ref, h_ref = refs.pop(), refs.pop(), refs.pop()
     init_ref = refs.pop() if has_init else None
     rk_ref = refs.pop() if has_rk else None
-    lo_ref, hi_ref, seg_ref, first_ref, k_ref, w_ref, u_ref, g_ref = refs
-    p = tc.program_index(0, blocks_first)
-    s = p % num_segments
+    order_ref, lo_ref, hi_ref, *row_refs = refs
+    p, row, s = tc.walk_program(order_ref, num_segments)
+    seg_ref, first_ref, k_ref, w_ref, u_ref, g_ref, h_ref, vnew_ref = (
+        tc.RowView(r, row) for r in (*row_refs, h_ref, vnew_ref))
+    rk_ref = None if rk_ref is None else tc.RowView(rk_ref, row)
+    init_ref = None if init_ref is None else tc.RowView(init_ref, row, s)
+    final_ref = tc.RowView(final_ref, row, s)
     dk, bv = final_ref.shape
     kb = tc.blocks(dk, block_k)
 
@@ -365,12 +368,11 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, has_rk, block_k, precisio
 
 def state_walk(k, w, u, gcum_t, init, lo, hi, seg, first, *, chunk: int, num_segments: int,
                block_v: int, precision: str = "bf16", interpret: bool = False, num_warps: int = 4,
-               num_stages: int = 2, block_k: int = 64, rk=None, blocks_first: bool = False):
+               num_stages: int = 2, block_k: int = 64, rk=None, longest_first: bool = True):
     """Runs the state walk.  Shapes: k, w [B, L, H, dk]; u [B, L, H, dv]; gcum_t [B, H, L];
     init [B, S, H, dk, dv] or None; lo, hi [B*S]; seg, first [B, Nc] (``cm.segment_ranges``);
     rk [B, L, H] float32 inverse key norms (the keys are k * rk, ``ut_transform``) or None.
-    blocks_first: launch a segment's value-block programs side by side (``tc.blocks_first``:
-    they read the same K and W tiles).
+    longest_first: launch the longest walks first (``tc.WalkSpecs``), else in row order.
     Returns (h [B, H, Nc, dk, dv], v_new [B, L, H, dv], final [B, S, H, dk, dv] float32): h is the
     state at the start of every visited chunk and v_new = U - W h, both in
     ``tc.operand_dtype(precision)``; entries of unvisited chunks are undefined."""
@@ -380,9 +382,9 @@ def state_walk(k, w, u, gcum_t, init, lo, hi, seg, first, *, chunk: int, num_seg
     assert dv % block_v == 0
     nc = l // chunk
     sp = tc.WalkSpecs(b, s, l, chunk)
-    in_specs = [sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.seq(dk), sp.seq(dk),
-                sp.seq_v(block_v), sp.gate()]
-    args = [lo, hi, seg, first, k, w, u, gcum_t]
+    in_specs = [sp.ranges(), sp.ranges(), sp.ranges(), sp.flags(), sp.flags(), sp.seq(dk),
+                sp.seq(dk), sp.seq_v(block_v), sp.gate()]
+    args = [tc.walk_order(lo, hi, longest_first), lo, hi, seg, first, k, w, u, gcum_t]
     if rk is not None:
         in_specs.append(sp.row_vector())
         args.append(rk)
@@ -390,22 +392,17 @@ def state_walk(k, w, u, gcum_t, init, lo, hi, seg, first, *, chunk: int, num_seg
         in_specs.append(sp.segment_state(dk, block_v))
         args.append(init)
     op_dtype = tc.operand_dtype(precision, interpret)
-    grid = (b * s, h, dv // block_v)
-    out_specs = (sp.per_chunk_states(dk, block_v), sp.seq_v(block_v),
-                 sp.segment_state(dk, block_v))
-    if blocks_first:
-        grid, in_specs, out_specs = tc.blocks_first(grid, in_specs, out_specs)
     outs = pl.pallas_call(
         functools.partial(_walk_kernel, chunk=chunk, num_segments=s, has_init=init is not None,
                           has_rk=rk is not None, block_k=min(block_k, dk),
-                          precision=resolve_precision(precision, interpret),
-                          blocks_first=blocks_first),
+                          precision=resolve_precision(precision, interpret)),
         out_shape=(jax.ShapeDtypeStruct((b, h, nc, dk, dv), op_dtype),
                    jax.ShapeDtypeStruct((b, l, h, dv), op_dtype),
                    jax.ShapeDtypeStruct((b, s, h, dk, dv), F32)),
-        grid=grid,
+        grid=sp.grid(h, dv // block_v),
         in_specs=in_specs,
-        out_specs=out_specs,
+        out_specs=(sp.per_chunk_states(dk, block_v), sp.seq_v(block_v),
+                   sp.segment_state(dk, block_v)),
         compiler_params=tc.triton_params(num_warps, num_stages),
         interpret=interpret,
         name="gdn_state_walk",
