@@ -6,18 +6,23 @@ Computes what ``mom_jax.layers.common.short_conv_packed`` computes,
     out[b, t, c] = SiLU(acc[b, t, c])            (acc itself with activation=False)
 
 (``rank`` = index of slot t inside its segment, so the taps restart at every segment start), in the
-stream's own [B, L, C] layout.  Written in XLA (``short_conv_packed``'s shifted adds) the conv
-was laid out channel-major inside the layers, and the layer paid for transposes of the projections
-into and the features out of that layout, forward and backward (1.3 ms of a GDN layer's 5.5 ms and
-1.7 ms of a MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
+stream's own [B, L, C] layout; with ``head_norm`` some parts (the gated delta rule's q and k) come
+out as s * out / |out| per head, normalised in float32 before rounding, the norm's Jacobian applied
+in the backward's first pass (the layers' q/k features: no XLA pass over q, k in either
+direction).  Written in XLA (``short_conv_packed``'s shifted adds) the conv was laid out
+channel-major inside the layers, and the layer paid for transposes of the projections into and the
+features out of that layout, forward and backward (1.3 ms of a GDN layer's 5.5 ms and 1.7 ms of a
+MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
 
 Kernels (grid over row x time block x channel block; every load a [block_l, block_c] tile):
   forward:  W shifted loads of x, one store of SiLU(acc) in x's dtype (with ``splits``, into the
             output array of the part that holds the tile's channels: q, k, v come out separate);
   backward: two passes.  First dacc = dy * SiLU'(acc) (the forward's loads plus dy, read from
-            the part's cotangent), stored in x's dtype; then for each shift s the tile of dacc at
-            rows t+s (masked by the segment restarts): dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile
-            partial sums sum_t x[t] dacc[t+s], [B, L / block_l, W, C] float32, summed in XLA.
+            the part's cotangent; for a normalised part dy goes through the norm's Jacobian
+            first, from the recomputed tile), stored in x's dtype; then for each shift s the
+            tile of dacc at rows t+s (masked by the segment restarts):
+            dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile partial
+            sums sum_t x[t] dacc[t+s], [B, L / block_l, W, C] float32, summed in XLA.
 Every pass is bound by HBM traffic (on an H100 the forward at the MoM stream's size, 315 MB in and
 out, takes 1.1-1.2x an XLA elementwise copy of x); benchmarks/NOTES_kernels.md has the sweep and
 the one-pass backward that lost.

@@ -390,8 +390,9 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
            num_warps, block_k, block_v, dv_dtype=F32, dk_dtype=F32):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C];
     dw [B, L, H, dk]; du [B, L, H, dv]; dk_direct [B, L, H, dk] float32 (its buffer is reused for
-    dk when dk_dtype is float32); seg [B, Nc].  Returns (dk [B, L, H, dk] in dk_dtype, dv [B, L, H, dv] in dv_dtype (the op's
-    v dtype: written once, not as float32 and cast by XLA), dbeta [B, H, L] float32, dG share
+    dk when dk_dtype is float32); seg [B, Nc].  Returns (dk [B, L, H, dk] in dk_dtype,
+    dv [B, L, H, dv] in dv_dtype (the op's v dtype: written once, not as float32 and cast by
+    XLA), dbeta [B, H, L] float32, dG share
     [B, H, L] float32, row sums <dk, k> [B, H, L] float32 (for the L2-norm Jacobian)), all zero
     on chunks of no segment."""
     b, l, hh, dk = k.shape

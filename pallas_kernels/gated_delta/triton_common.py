@@ -70,7 +70,7 @@ def triton_params(num_warps: int, num_stages: int):
 
 def blocks_first(grid: tuple, in_specs, out_specs):
     """Launch form of a grid whose LAST axis enumerates blocks that read the same tiles (the key
-    blocks of a chunk, the value blocks of a segment walk): that axis moves to the front, which the
+    blocks of a chunk in the dq/dk/dW kernel): that axis moves to the front, which the
     Triton lowering launches as CUDA's fastest-varying block index, so a tile's block programs
     start side by side and the later ones read its tiles from L2 instead of HBM.  The specs'
     index maps keep their logical argument order; kernels read logical grid axis ``a`` with
