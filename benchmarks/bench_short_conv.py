@@ -1,7 +1,12 @@
 """Times the short conv (+ SiLU) of the layers' packed streams: XLA shifted adds vs the Pallas kernel.
 
 Usage (GPU machine):  python -m benchmarks.bench_short_conv [--shapes 8x6400x3072,8x2048x3072]
-                          [--configs '{}' '{"block_l": 64}'] [--out benchmarks/results/x.json]
+                          [--configs '{}' '{"block_l": 64}'] [--head-norm 256]
+                          [--out benchmarks/results/x.json]
+--head-norm D: the layers' call instead (q|k|v thirds as separate outputs, q and k L2-normalised per
+head of D channels, q scaled by D**-0.5: ``short_conv(..., splits=, head_norm=)``); its feature
+passes run on head tiles (``short_conv.head_tiles``: block_c = D, block_l = block_l * block_c / D),
+so ``--configs '{"block_l": 128}'`` times [32, D] head tiles.
 Shapes are B x L x C: 8x6400x3072 is the MoM layer's stream at B8 T2048 (E4 top-2 + shared, D=1024:
 q|k|v = 3072 channels), 8x2048x3072 the Gated DeltaNet layer's.  Segments start at random slots
 (mean length 64).  bf16 x, float32 weight.  fwd = the conv; fwd+bwd = value_and_grad of
@@ -35,8 +40,12 @@ def _inputs(b, l, c, w=4):
 
 
 def _fns(conv, rank, r):
-    fwd = jax.jit(lambda x, w: conv(x, w, rank))
-    loss = lambda x, w: jnp.sum(conv(x, w, rank).astype(jnp.float32) * r)  # noqa: E731
+    def packed(x, w):
+        out = conv(x, w, rank)
+        return jnp.concatenate(out, axis=-1) if isinstance(out, list) else out
+
+    fwd = jax.jit(packed)
+    loss = lambda x, w: jnp.sum(packed(x, w).astype(jnp.float32) * r)  # noqa: E731
     return fwd, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
@@ -45,6 +54,8 @@ def main():
     ap.add_argument("--shapes", default="8x6400x3072,8x2048x3072")
     ap.add_argument("--configs", nargs="*", default=["{}"], help="JSON ConvConfig overrides")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--head-norm", type=int, default=0,
+                    help="head dim D: time the layers' call (q/k normalised per head); 0: off")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     configs = [sc.ConvConfig(**json.loads(c)) for c in args.configs]
@@ -55,10 +66,18 @@ def main():
         b, l, c = (int(v) for v in shape.split("x"))
         x, w, rank, r = _inputs(b, l, c)
         gbytes = b * l * c * 2 / 1e9
-        variants = [("xla", None, lambda x, w, rk: lc.short_conv_packed(x, w, rk, impl="xla"))]
+        kw = {}
+        if args.head_norm:
+            if c % 3 or (c // 3) % args.head_norm:
+                raise SystemExit(f"--head-norm {args.head_norm}: C = {c} must be 3 parts of "
+                                 f"whole heads")
+            kw = dict(splits=(c // 3, 2 * c // 3),
+                      head_norm=(args.head_norm, (args.head_norm ** -0.5, 1.0, None)))
+        variants = [("xla", None, lambda x, w, rk: lc.short_conv_packed(x, w, rk, impl="xla",
+                                                                        **kw))]
         for cfg in configs:
             variants.append(("pallas", cfg, lambda x, w, rk, cfg=cfg: sc.short_conv(
-                x, w, rk, config=cfg)))
+                x, w, rk, config=cfg, **kw)))
         ref = None   # (out, dx, dw) of the first variant, the XLA conv
         for name, cfg, conv in variants:
             fwd, fb = _fns(conv, rank, r)
