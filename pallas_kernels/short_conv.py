@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mom_jax.ops.common import L2NORM_EPS, head_l2norm
+from mom_jax.ops.common import head_norm_parts, l2norm_rstd, l2norm_vjp
 
 F32 = jnp.float32
 
@@ -87,11 +87,6 @@ def _taps(w_ref, cols, width):
     return [w_ref[width - 1 - s, cols][None, :] for s in range(width)]
 
 
-def _row_rstd(u):
-    """1 / sqrt(sum(u^2) + eps) of each row of a [rows, head_dim] float32 tile: [rows, 1]."""
-    return jax.lax.rsqrt(jnp.sum(u * u, axis=1, keepdims=True) + L2NORM_EPS)
-
-
 def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activation, length,
                 parts, backward):
     """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block;
@@ -117,10 +112,8 @@ def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activati
 
         def dacc(dy, scale):
             dy = dy.astype(F32)
-            if scale is not None:   # the L2-norm's Jacobian: du = r (g - y <g, y>), g = s dy
-                r = _row_rstd(u)
-                y, g = u * r, dy * scale
-                dy = r * (g - y * jnp.sum(g * y, axis=1, keepdims=True))
+            if scale is not None:   # the L2-norm's Jacobian, each row of the tile one head
+                dy = l2norm_vjp(u, l2norm_rstd(u)[1], dy * scale)
             return (dy * grad).astype(o_ref.dtype)
 
         if n == 1:
@@ -137,7 +130,7 @@ def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activati
     out = _silu_and_grad(acc)[0] if activation else acc
 
     def feature(scale):
-        return (out if scale is None else out * (scale * _row_rstd(out)))
+        return out if scale is None else l2norm_rstd(out)[0] * scale
 
     if n == 1:
         refs[0][...] = feature(parts[0][2]).astype(refs[0].dtype)
@@ -322,8 +315,8 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
     if not fused or (splits and (any(v % block_c for v in bounds) or 0 in widths)):
         out = short_conv(x, weight, rank, activation=activation, config=config)
         parts = jnp.split(out, list(splits), axis=-1) if splits else [out]
-        parts = [p if sc is None else head_l2norm(p, head_dim, sc).astype(p.dtype)
-                 for p, sc in zip(parts, scales)]
+        if head_norm is not None:
+            parts = head_norm_parts(parts, head_norm, x.dtype)
         return parts if splits else parts[0]
     # Without splits: one part, C rounded up to whole blocks.
     parts = tuple(zip(bounds[:-1], widths, scales)) if splits else ((0, c + -c % block_c,

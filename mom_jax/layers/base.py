@@ -154,9 +154,9 @@ class RecurrentMixer(nnx.Module):
         if self.use_short_conv:
             return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank, impl=self.impl,
                                         splits=splits, head_norm=head_norm)
-        q, k, v = jnp.split(jax.nn.silu(qkv_raw.astype(jnp.float32)), splits, axis=-1)
-        return (oc.head_l2norm(q, self.head_dim, self.q_scale).astype(qkv_raw.dtype),
-                oc.head_l2norm(k, self.head_dim).astype(qkv_raw.dtype), v.astype(qkv_raw.dtype))
+        return oc.head_norm_parts(
+            jnp.split(jax.nn.silu(qkv_raw.astype(jnp.float32)), splits, axis=-1), head_norm,
+            qkv_raw.dtype)
 
     def _recurrence(self, q, k, v, g, beta, layout, initial_state, output_final_state):
         """The update rule over a packed stream, from the normalised q', k' of

@@ -83,10 +83,8 @@ def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "
     if head_norm is None:
         out = out.astype(x.dtype)
         return jnp.split(out, list(splits), axis=-1) if splits else out
-    head_dim, scales = head_norm
-    parts = jnp.split(out, list(splits), axis=-1) if splits else [out]
-    parts = [(p if s is None else oc.head_l2norm(p, head_dim, s)).astype(x.dtype)
-             for p, s in zip(parts, scales)]
+    parts = oc.head_norm_parts(jnp.split(out, list(splits), axis=-1) if splits else [out],
+                               head_norm, x.dtype)
     return parts if splits else parts[0]
 
 

@@ -36,6 +36,15 @@ def head_l2norm(x: jax.Array, head_dim: int, scale: float = 1.0) -> jax.Array:
     return (l2norm(heads) * scale).reshape(x.shape)
 
 
+def head_norm_parts(parts, head_norm, dtype) -> list:
+    """The q/k features of split conv outputs: ``head_norm`` = (head_dim, one scale or None per
+    part); a part with a scale becomes ``head_l2norm(part, head_dim, scale)``, the others stay.
+    All come back in ``dtype``."""
+    head_dim, scales = head_norm
+    return [(p if s is None else head_l2norm(p, head_dim, s)).astype(dtype)
+            for p, s in zip(parts, scales)]
+
+
 def l2norm_rstd(x: jax.Array, eps: float = L2NORM_EPS) -> tuple[jax.Array, jax.Array]:
     """(l2norm(x), rstd): y = x * rstd with rstd = 1 / sqrt(sum(x**2, -1) + eps).
 

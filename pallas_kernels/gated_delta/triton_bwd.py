@@ -80,9 +80,9 @@ def _walk_kernel(*refs, chunk, num_segments, has_init, with_qdo, block_k, precis
         refs.pop()  # zeros aliased to dinit
     order_ref, lo_ref, hi_ref, *row_refs = refs
     p_id, row, s = tc.walk_program(order_ref, num_segments)
-    (seg_ref, last_ref, first_ref, k_ref, w_ref, g_ref, dvl_ref, dfinal_ref, *q_or_qdo) = (
+    dfinal_ref = tc.RowView(row_refs.pop(7), row, s)   # [B, S, dk, BV]: at the walk's segment
+    (seg_ref, last_ref, first_ref, k_ref, w_ref, g_ref, dvl_ref, *q_or_qdo) = (
         tc.RowView(r, row) for r in row_refs)
-    dfinal_ref = tc.RowView(dfinal_ref.ref, row, s)
     du_ref, dh_ref = tc.RowView(du_ref, row), tc.RowView(dh_ref, row)
     dinit_ref = None if dinit_ref is None else tc.RowView(dinit_ref, row, s)
     lo, hi = lo_ref[p_id], hi_ref[p_id]
