@@ -1,8 +1,9 @@
 """GPU correctness check of the MoM layer at the benchmark size: impl="pallas" against impl="xla".
 
-  PYTHONPATH=. python3 benchmarks/check_mom_layer_gpu.py [--shapes 8x2048,2x8192]
+  PYTHONPATH=. python3 benchmarks/check_mom_layer_gpu.py [--shapes 8x2048,2x8192] [--projection grouped]
 
-MoM layer D1024, 4 heads x 256, E4 top-2, shared memory, dense routed projections, float32
+MoM layer D1024, 4 heads x 256, E4 top-2, shared memory, routed projections as --projection says
+on the Pallas side (default dense; the XLA side is always dense), float32
 parameters and inputs x [B, T, 1024] ~ N(0, 1), at each B x T of --shapes.  Both impls run with the
 matmuls outside the kernels at "highest" precision (otherwise TF32 router logits send some tokens
 to other memories and the comparison measures routing flips, not the kernels); the Pallas kernels'
@@ -34,11 +35,13 @@ def rel(a, b) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x2048,2x8192", help="comma list of BxT")
+    ap.add_argument("--projection", default="dense",
+                    help="routed_projection of the Pallas side (the XLA side: always dense)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     for b, t in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
         layer = MoMLayer(1024, num_heads=4, head_dim=256, num_memories=4, topk=2,
-                         routed_projection="dense", impl="pallas", rngs=nnx.Rngs(0))
+                         routed_projection=args.projection, impl="pallas", rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(layer)
         x = jax.random.normal(jax.random.PRNGKey(1), (b, t, 1024), jnp.float32)
         r = jax.random.normal(jax.random.PRNGKey(2), (b, t, 1024), jnp.float32)
@@ -46,6 +49,8 @@ def main():
         def loss(p, x, impl):
             model = nnx.merge(graphdef, p)
             model.impl = impl
+            if impl == "xla":
+                model.routed_projection = "dense"
             y = model(x)[0]
             return jnp.sum(y * r), y
 
@@ -59,7 +64,7 @@ def main():
         y_rel = rel(out["pallas"][0], out["xla"][0])
         g_rels = [rel(a, c) for a, c in zip(out["pallas"][1], out["xla"][1])]
         finite = all(bool(jnp.all(jnp.isfinite(a))) for a in (out["pallas"][0], *out["pallas"][1]))
-        print(f"MoM B{b} T{t}: y rel {y_rel:.2e}; grads rel max {max(g_rels):.2e} median "
+        print(f"MoM B{b} T{t} ({args.projection}): y rel {y_rel:.2e}; grads rel max {max(g_rels):.2e} median "
               f"{np.median(g_rels):.2e} ({len(g_rels)} leaves); finite {finite}", flush=True)
 
 

@@ -14,8 +14,9 @@ D, H, DK, EXPAND_V, T, B, CHUNK = 16, 2, 4, 2, 11, 2, 4
 def make_layer(rule="gated_delta", shared=True, seed=0, **kw):
     kw.setdefault("num_memories", 3)
     kw.setdefault("topk", 2)
+    kw.setdefault("impl", "xla")
     return MoMLayer(D, num_heads=H, head_dim=DK, expand_v=EXPAND_V, update_rule=rule,
-                    shared_memory=shared, chunk_size=CHUNK, impl="xla", rngs=nnx.Rngs(seed), **kw)
+                    shared_memory=shared, chunk_size=CHUNK, rngs=nnx.Rngs(seed), **kw)
 
 
 def cfg_of(layer, mom=True):
@@ -85,6 +86,23 @@ def test_mom_matches_token_reference_forward_and_grad(rule, shared):
 
 def test_ragged_projection_matches_reference_forward_and_grad():
     check_against_reference(randomize(make_layer(routed_projection="ragged"), seed=3), seed=4)
+
+
+def test_grouped_projection_matches_reference_forward_and_grad():
+    """The stream's k|v projection by the grouped Pallas matmul (interpret mode), float32."""
+    check_against_reference(randomize(make_layer(routed_projection="grouped"), seed=3), seed=4)
+
+
+def test_auto_projection_resolution():
+    """"auto" projects with the grouped kernel where ``resolve_grouped_matmul_impl`` says so (on
+    CPU: impl="pallas" only), else densely; one k|v weight (single_kv_proj) is always dense."""
+    def resolved(**kw):
+        return make_layer(**kw)._resolved_projection()
+    assert resolved() == "dense"                               # impl="xla"
+    assert resolved(impl="pallas") == "grouped"
+    assert resolved(impl="pallas", single_kv_proj=True) == "dense"
+    assert resolved(impl="pallas", routed_projection="dense") == "dense"
+    assert resolved(routed_projection="grouped") == "grouped"
 
 
 @pytest.mark.parametrize("kw", [
@@ -285,6 +303,7 @@ def test_compiles_once_for_any_routing():
     (dict(update_rule="mamba"), "update_rule must be one of"),
     (dict(impl="cuda"), "impl must be one of"),
     (dict(routed_projection="sparse"), "routed_projection must be one of"),
+    (dict(routed_projection="grouped", chunk_size=6), "power-of-two chunk_size"),
     (dict(expand_v=0.3), "head_dim \\* expand_v must be a positive integer"),
     (dict(norm_eps=0.0), "norm_eps must be > 0"),
     (dict(chunk_size=0), "chunk_size must be a positive integer"),

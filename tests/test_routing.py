@@ -151,7 +151,7 @@ def ref_stream_raw(self, xc, idx, plan):
         proj = xc @ w_mem[0]
         out = jnp.take_along_axis(proj, jnp.maximum(plan.slot_token[:, :lr], 0)[..., None], 1)
     else:
-        assert self.routed_projection == "dense"
+        assert self._resolved_projection() == "dense"
         proj = jnp.einsum("btd,edn->bten", xc, w_mem).reshape(b, t * e, -1)
         seg = jnp.repeat(plan.layout.chunk_segment[:, :lr // self.chunk_size], self.chunk_size,
                          axis=1)

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mom_jax import routing
+from mom_jax import ops, routing
 from mom_jax.layers import common as lc
 from mom_jax.layers.base import RecurrentMixer
 from mom_jax.ops import common as oc
 
-ROUTED_PROJECTIONS = ("ragged", "dense")
+ROUTED_PROJECTIONS = ("auto", "grouped", "dense", "ragged")
 
 
 @jax.tree_util.register_dataclass
@@ -54,10 +54,18 @@ class MoMLayer(RecurrentMixer):
         sub-sequence (zero history at its start); without it q, k, v get SiLU only.
       norm_eps: RMSNorm epsilon.  chunk_size: chunk of the packed stream and the chunked kernels.
       impl: "auto" | "pallas" | "xla" | "scan" implementation of the update rule.
-      routed_projection: "dense" (default: project every token with every memory, then pick the
-        routed ones; E/k times the projection FLOPs, but measured faster than XLA's ragged_dot on
-        H100 for E <= 8, see benchmarks/NOTES.md) or "ragged" (one grouped matmul over the tokens
-        sorted by memory: only the routed FLOPs).
+      routed_projection: how the routed memories' k|v|b|a projections are computed (only the
+        training / prefill stream; decoding projects one token densely):
+        "grouped": the k|v columns of the packed stream itself by one Pallas matmul whose weight
+          is picked per chunk (``pallas_kernels.grouped_matmul``): only the routed FLOPs, no sort;
+          Triton (GPU; interpret mode on CPU); b|a and q as per-token tables;
+        "dense": project every token with every memory, then gather the routed rows ((E+1)/(k+1)
+          times the k|v FLOPs; XLA, any backend);
+        "ragged": ``lax.ragged_dot`` over the tokens sorted by memory (slower than dense on H100,
+          benchmarks/NOTES.md; kept for comparison);
+        "auto" (default): "grouped" where ``ops.resolve_grouped_matmul_impl(impl)`` picks the
+          kernel (GPU with impl auto/pallas, CPU with impl pallas), else "dense".  H100, B8
+          T2048 fwd+bwd: grouped = dense at E4, 0.9 ms (9%) faster at E8.
       dtype: compute dtype of the matmuls (default: the input's); parameters stay float32.
 
     Parameters (weights are [in, out]): q_proj [D, Kd]; gate [D, E]; k_proj/v_proj/b_proj/a_proj
@@ -71,7 +79,7 @@ class MoMLayer(RecurrentMixer):
                  shared_memory: bool = True, update_rule: str = "gated_delta",
                  single_kv_proj: bool = False, use_output_gate: bool = True,
                  use_short_conv: bool = True, conv_size: int = 4, norm_eps: float = 1e-6,
-                 chunk_size: int = 64, impl: str = "auto", routed_projection: str = "dense",
+                 chunk_size: int = 64, impl: str = "auto", routed_projection: str = "auto",
                  dtype=None, rngs: nnx.Rngs):
         e = lc.positive_int("num_memories", num_memories)
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
@@ -81,6 +89,9 @@ class MoMLayer(RecurrentMixer):
         if routed_projection not in ROUTED_PROJECTIONS:
             raise ValueError(f"routed_projection must be one of {ROUTED_PROJECTIONS}, "
                              f"got {routed_projection!r}")
+        if routed_projection == "grouped" and chunk_size & (chunk_size - 1):
+            raise ValueError(f"routed_projection='grouped' needs a power-of-two chunk_size, "
+                             f"got {chunk_size}")
         self._init_common(hidden_size, num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
                           update_rule=update_rule, use_output_gate=use_output_gate,
                           use_short_conv=use_short_conv, conv_size=conv_size, norm_eps=norm_eps,
@@ -137,9 +148,12 @@ class MoMLayer(RecurrentMixer):
         kd = self.key_dim
         x_rows = routing.token_table(xc)                                          # [B*T+1, D]
         token_src, token_inv = routing.stream_sources(plan)
-        if self.routed_projection == "ragged" and not self.single_kv_proj:
+        projection = self._resolved_projection()
+        if projection == "ragged":
             q = routing.gather_table(x_rows @ self.q_proj[...].astype(dtype), token_src, token_inv)
             kvba = self._ragged_raw(xc, idx, plan)
+        elif projection == "grouped":
+            return self._grouped_raw(x_rows, idx, plan)
         else:
             # q and every memory's k|v|b|a in one matmul (``projection_weight``): the backward
             # then reads one cotangent table for both dx and dW (as two matmuls, XLA gathered the
@@ -155,6 +169,45 @@ class MoMLayer(RecurrentMixer):
             kvba = routing.gather_table(kv_table.reshape(-1, n), *kv_sources)
         kv, extra = jnp.split(kvba, [self.key_dim + self.value_dim], axis=-1)   # VJP: one concat
         return jnp.concatenate([q, kv], axis=-1), extra
+
+    def _resolved_projection(self) -> str:
+        """routed_projection with "auto" resolved; "dense" with single_kv_proj (one weight)."""
+        if self.single_kv_proj:
+            return "dense"
+        if self.routed_projection != "auto":
+            return self.routed_projection
+        return "grouped" if ops.resolve_grouped_matmul_impl(self.impl) == "pallas" else "dense"
+
+    def _grouped_raw(self, x_rows, idx, plan: routing.DispatchPlan):
+        """``_stream_raw`` with routed_projection="grouped": the k|v part of every slot is its
+        token's row of x times its memory's k|v weight, computed on the stream (``x_rows``
+        gathered into it) by ``pallas_kernels.grouped_matmul`` with each chunk's segment as the
+        group (the routed memories, then the shared one).  q and the narrow b|a columns stay
+        per-token tables (one matmul with [W_q | every memory's b|a]) gathered like the dense
+        path's.  x_rows: [B*T + 1, D] (``routing.token_table``)."""
+        if ops.resolve_grouped_matmul_impl("pallas") != "pallas":
+            raise ValueError(f"routed_projection='grouped' runs a Triton kernel (GPU, or CPU in "
+                             f"interpret mode); not available on {jax.default_backend()}: use "
+                             f"'auto' or 'dense'")
+        grouped_matmul = ops.grouped_matmul_kernel()
+        dtype = x_rows.dtype
+        kd, nkv = self.key_dim, self.key_dim + self.value_dim
+        b, length = plan.slot_token.shape
+        w_mem = self._memory_weights(dtype)                                        # [E, D, N]
+        if self.shared_memory:
+            w_mem = jnp.concatenate([w_mem, self._concat_weights("shared_{}", dtype)[None]], 0)
+        groups, d, n = w_mem.shape
+        w_extra = jnp.transpose(w_mem[:, :, nkv:], (1, 0, 2)).reshape(d, -1)      # [D, G*nx]
+        table = x_rows @ jnp.concatenate([self.q_proj[...].astype(dtype), w_extra], axis=1)
+        q_table, extra_table = jnp.split(table, [kd], axis=1)
+        token_src, token_inv = routing.stream_sources(plan)
+        q = routing.gather_table(q_table, token_src, token_inv)
+        extra = routing.gather_table(extra_table.reshape(-1, n - nkv),
+                                     *routing.stream_sources(plan, idx))
+        xs = routing.gather_table(x_rows, token_src, token_inv).reshape(b * length, d)
+        kv = grouped_matmul(xs, w_mem[:, :, :nkv], plan.layout.chunk_segment.reshape(-1),
+                            self.chunk_size)
+        return jnp.concatenate([q, kv.reshape(b, length, nkv)], axis=-1), extra
 
     def _ragged_raw(self, x, idx, plan: routing.DispatchPlan):
         """k|v|b|a raw stream [B, L, N] (zero in padding) through one grouped matmul

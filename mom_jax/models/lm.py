@@ -75,7 +75,7 @@ class ModelConfig:
     conv_size: int = 4
     chunk_size: int = 64
     impl: str = "auto"
-    routed_projection: str = "dense"
+    routed_projection: str = "auto"
     # attention layers
     attn_num_heads: int = 16
     attn_head_dim: int = 64

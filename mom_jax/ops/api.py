@@ -67,6 +67,19 @@ _PALLAS_CONV: dict[str, Callable] = {}
 AUTO_CONV_PREFERS_PALLAS = True
 
 
+# The row-grouped matmul of the MoM layer's routed projections (``MoMLayer`` with
+# routed_projection "grouped", and "auto" where this resolves to "pallas"):
+# fn(x [M, K], w [G, K, N], groups [M // group_rows], group_rows, *, config) -> [M, N],
+# differentiable.  Registered by ``pallas_kernels`` (Triton: GPU, interpret mode on CPU).
+_PALLAS_GROUPED_MATMUL: dict[str, Callable] = {}
+
+# Whether routed_projection="auto" uses the grouped matmul on GPU (with impl "auto" or "pallas").
+# On: measured on an H100 (benchmarks/NOTES.md, session 12; results/layer_session12_grouped_ab_h100
+# .json), MoM fwd+bwd with dense / grouped routed projections: E4 8.08 / 8.07 ms (B8 T2048),
+# 8.14 / 7.94 (B2 T8192); E8 9.59 / 8.70, 10.10 / 8.71.
+AUTO_GROUPED_PREFERS_PALLAS = True
+
+
 def _triton_kernel_impl(impl: str, available: Callable[[], bool], auto_prefers: bool) -> str:
     """The choice rule of the Triton-only kernels (decode step, short conv): "pallas" or "xla".
 
@@ -99,6 +112,26 @@ def resolve_conv_impl(impl: str) -> str:
     (no Mosaic conv kernel); "xla" and "scan" use XLA.
     """
     return _triton_kernel_impl(impl, lambda: "fn" in _PALLAS_CONV, AUTO_CONV_PREFERS_PALLAS)
+
+
+def register_pallas_grouped_matmul(fn: Callable) -> None:
+    """Lets ``pallas_kernels`` plug in the row-grouped matmul (see
+    ``resolve_grouped_matmul_impl``)."""
+    _PALLAS_GROUPED_MATMUL["fn"] = fn
+
+
+def resolve_grouped_matmul_impl(impl: str) -> str:
+    """Whether a MoM layer with routed_projection="auto" and update-rule ``impl`` projects its
+    stream with the grouped matmul kernel ("pallas") or the dense table ("xla"): "auto" picks the
+    kernel on GPU, "pallas" on GPU and CPU (interpret mode), "xla" and "scan" never, nor TPU."""
+    return _triton_kernel_impl(impl, lambda: "fn" in _PALLAS_GROUPED_MATMUL,
+                               AUTO_GROUPED_PREFERS_PALLAS)
+
+
+def grouped_matmul_kernel() -> Callable:
+    """The registered row-grouped matmul (``pallas_kernels.grouped_matmul.grouped_matmul``)."""
+    _load_pallas_kernels()
+    return _PALLAS_GROUPED_MATMUL["fn"]
 
 
 def short_conv_kernel() -> Callable:
