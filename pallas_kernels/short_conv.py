@@ -73,12 +73,13 @@ def _tile(ref, b, rows, cols, length):
     return ref[b, jnp.clip(rows, 0, length - 1), cols].astype(F32)
 
 
-def _pre_activation(x_ref, rank, rows, b, cols, taps, length):
-    """acc[rows] = sum_s tap_s * x[rows - s] where rank[rows] >= s (and rows - s >= 0)."""
-    acc = jnp.zeros((rows.shape[0], cols.size), F32)
+def _pre_activation(x_ref, rank, rows, b, x_cols, taps, length):
+    """acc[rows] = sum_s tap_s * x[rows - s] where rank[rows] >= s (and rows - s >= 0); x_cols:
+    the tile's channels in x_ref (an input part), taps: their weights."""
+    acc = jnp.zeros((rows.shape[0], x_cols.size), F32)
     for s, tap in enumerate(taps):
         keep = ((rank >= s) & (rows >= s))[:, None]
-        acc = acc + jnp.where(keep, _tile(x_ref, b, rows - s, cols, length) * tap, 0.0)
+        acc = acc + jnp.where(keep, _tile(x_ref, b, rows - s, x_cols, length) * tap, 0.0)
     return acc
 
 
@@ -87,82 +88,122 @@ def _taps(w_ref, cols, width):
     return [w_ref[width - 1 - s, cols][None, :] for s in range(width)]
 
 
-def _fwd_kernel(x_ref, rank_ref, w_ref, *refs, width, block_l, block_c, activation, length,
-                parts, backward):
-    """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block;
-    with ``backward`` (refs = one dy per part, then dacc) the backward's first pass instead:
-    dacc = dy * SiLU'(acc), stored in x's dtype into the packed dacc.
+def _part_pairs(c, block_c, in_parts, out_parts):
+    """(input part, its column block, output part, its column block, branch condition) for every
+    pair of an input part (first channel, channels) and an output part (first channel,
+    channels, ...) that share channels, static; channels are whole blocks.  A program (channel
+    block c) runs the one branch whose condition holds.  The condition is None where that pair
+    covers every block (one input, one output)."""
+    pairs = []
+    for i, (in_start, in_width) in enumerate(in_parts):
+        for o, (out_start, out_width, *_) in enumerate(out_parts):
+            lo, hi = max(in_start, out_start), min(in_start + in_width, out_start + out_width)
+            if lo >= hi:
+                continue
+            cond = None
+            if len(in_parts) > 1 or len(out_parts) > 1:
+                cond = (c >= lo // block_c) & (c < hi // block_c)
+            pairs.append((i, c - in_start // block_c, o, c - out_start // block_c, cond))
+    return pairs
 
-    parts: ((first channel, channels, scale), ...) of each output (each dy), static; channels
-    are whole blocks.  scale None: the part is SiLU(acc); a number s: each row of the tile (one
-    head: block_c = head_dim) is L2-normalised and scaled, y = s * u / sqrt(|u|^2 + eps) with
-    u = SiLU(acc), and the backward applies that Jacobian to dy before SiLU's.  One part: its
-    output is this program's tile; several: whole-array refs, stored under a branch.
+
+def _branch(cond, body):
+    if cond is None:
+        body()
+    else:
+        pl.when(cond)(body)
+
+
+def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_parts, parts,
+                backward):
+    """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block;
+    with ``backward`` (refs after the inputs = one dy per part, then dacc) the backward's first
+    pass instead: dacc = dy * SiLU'(acc), stored in x's dtype into the packed dacc.
+
+    refs: the n_in input parts (x), rank, weight, then the outputs.  in_parts: ((first channel,
+    channels), ...) of the inputs; parts: ((first channel, channels, scale), ...) of each output
+    (each dy), static; channels are whole blocks.  scale None: the part is SiLU(acc); a number
+    s: each row of the tile (one head: block_c = head_dim) is L2-normalised and scaled,
+    y = s * u / sqrt(|u|^2 + eps) with u = SiLU(acc), and the backward applies that Jacobian to
+    dy before SiLU's.  One input and one output part: this program's tiles; else whole-array
+    refs, stored under a branch per (input, output) pair.
     """
+    x_refs, (rank_ref, w_ref), refs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = j * block_l + jnp.arange(block_l)
-    cols = pl.ds(c * block_c, block_c)
-    acc = _pre_activation(x_ref, rank_ref[b, pl.ds(j * block_l, block_l)], rows, b, cols,
-                          _taps(w_ref, cols, width), length)
-    n = len(parts)
+    taps = _taps(w_ref, pl.ds(c * block_c, block_c), width)
+    rank = rank_ref[b, pl.ds(j * block_l, block_l)]
     tile_rows = pl.ds(j * block_l, block_l)
-    if backward:
-        dy_refs, (o_ref,) = refs[:n], refs[n:]
-        u, grad = _silu_and_grad(acc)
+    single = len(in_parts) == 1 and len(parts) == 1
 
-        def dacc(dy, scale):
+    def pre_activation(i, in_block):
+        return _pre_activation(x_refs[i], rank, rows, b, pl.ds(in_block * block_c, block_c), taps,
+                               length)
+
+    if backward:
+        dy_refs, (o_ref,) = refs[:len(parts)], refs[len(parts):]
+
+        def dacc(acc, dy, scale):
+            u, grad = _silu_and_grad(acc)
             dy = dy.astype(F32)
             if scale is not None:   # the L2-norm's Jacobian, each row of the tile one head
                 dy = l2norm_vjp(u, l2norm_rstd(u)[1], dy * scale)
             return (dy * grad).astype(o_ref.dtype)
 
-        if n == 1:
-            o_ref[...] = dacc(dy_refs[0][...], parts[0][2])
-            return
-        for dy_ref, (start, width_c, scale) in zip(dy_refs, parts):
-            first = start // block_c
-
-            @pl.when((c >= first) & (c < first + width_c // block_c))
-            def _(dy_ref=dy_ref, first=first, scale=scale):
-                o_ref[...] = dacc(dy_ref[b, tile_rows, pl.ds((c - first) * block_c, block_c)],
-                                  scale)
+        for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
+            def _(i=i, in_block=in_block, o=o, out_block=out_block):
+                dy = (dy_refs[0][...] if single else
+                      dy_refs[o][b, tile_rows, pl.ds(out_block * block_c, block_c)])
+                o_ref[...] = dacc(pre_activation(i, in_block), dy, parts[o][2])
+            _branch(cond, _)
         return
-    out = _silu_and_grad(acc)[0] if activation else acc
 
-    def feature(scale):
+    def feature(acc, scale):
+        out = _silu_and_grad(acc)[0] if activation else acc
         return out if scale is None else l2norm_rstd(out)[0] * scale
 
-    if n == 1:
-        refs[0][...] = feature(parts[0][2]).astype(refs[0].dtype)
-        return
-    for o_ref, (start, width_c, scale) in zip(refs, parts):
-        first = start // block_c
-
-        @pl.when((c >= first) & (c < first + width_c // block_c))
-        def _(o_ref=o_ref, first=first, scale=scale):
-            o_ref[b, tile_rows, pl.ds((c - first) * block_c, block_c)] = (
-                feature(scale).astype(o_ref.dtype))
+    for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
+        def _(i=i, in_block=in_block, o=o, out_block=out_block):
+            y = feature(pre_activation(i, in_block), parts[o][2]).astype(refs[o].dtype)
+            if single:
+                refs[0][...] = y
+            else:
+                refs[o][b, tile_rows, pl.ds(out_block * block_c, block_c)] = y
+        _branch(cond, _)
 
 
-def _bwd_kernel(x_ref, rank_ref, w_ref, dacc_ref, dx_ref, dw_ref, *, width, block_l, block_c,
-                length):
+def _bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts):
     """Backward tile from dacc (the cotangent of the pre-activation): dx[t] = sum_s tap_s *
     dacc[t+s] where the output at t+s reads x[t] (rank[t+s] >= s), and per-tile partial sums of
-    the weight gradient sum_t x[t] dacc[t+s] (masked alike)."""
+    the weight gradient sum_t x[t] dacc[t+s] (masked alike).  refs: the n_in input parts, rank,
+    weight, dacc, then one dx per input part (this program's tile with one part), dw."""
+    x_refs, (rank_ref, w_ref, dacc_ref) = refs[:n_in], refs[n_in:n_in + 3]
+    dx_refs, dw_ref = refs[n_in + 3:2 * n_in + 3], refs[2 * n_in + 3]
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = j * block_l + jnp.arange(block_l)
     cols = pl.ds(c * block_c, block_c)
     taps = _taps(w_ref, cols, width)
-    x0 = _tile(x_ref, b, rows, cols, length)
-    dx = jnp.zeros((block_l, block_c), F32)
+    daccs = []
     for s in range(width):
         out_rows = rows + s
         rank = rank_ref[b, jnp.minimum(out_rows, length - 1)]
         keep = ((out_rows < length) & (rank >= s))[:, None]
-        dacc = jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0)
-        dx = dx + dacc * taps[s]
-        dw_ref[b, j, width - 1 - s, cols] = jnp.sum(dacc * x0, axis=0)
-    dx_ref[...] = dx.astype(dx_ref.dtype)
+        daccs.append(jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0))
+    dx = daccs[0] * taps[0]
+    for s in range(1, width):
+        dx = dx + daccs[s] * taps[s]
+    for i, in_block, _o, _ob, cond in _part_pairs(c, block_c, in_parts, ((0, in_parts[-1][0]
+                                                                          + in_parts[-1][1]),)):
+        def _(i=i, in_block=in_block):
+            in_cols = pl.ds(in_block * block_c, block_c)
+            x0 = _tile(x_refs[i], b, rows, in_cols, length)
+            for s in range(width):
+                dw_ref[b, j, width - 1 - s, cols] = jnp.sum(daccs[s] * x0, axis=0)
+            if n_in == 1:
+                dx_refs[0][...] = dx.astype(dx_refs[0].dtype)
+            else:
+                dx_refs[i][b, pl.ds(j * block_l, block_l), in_cols] = dx.astype(dx_refs[i].dtype)
+        _branch(cond, _)
 
 
 def _whole(x):
@@ -181,68 +222,84 @@ def _params(config: ConvConfig):
     return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1)
 
 
-def _fwd_call(x, rank, weight, activation, config: ConvConfig, parts, dys=None):
+def _in_parts(xs) -> tuple:
+    """((first channel, channels), ...) of the input parts."""
+    bounds = [0]
+    for x in xs:
+        bounds.append(bounds[-1] + x.shape[2])
+    return tuple((lo, hi - lo) for lo, hi in zip(bounds, bounds[1:]))
+
+
+def _fwd_call(xs, rank, weight, activation, config: ConvConfig, parts, dys=None):
     """SiLU(conv) (or the conv) in x's dtype, one array per part (normalised where its scale
     says); with dys (one per part), dacc = the cotangent of the pre-activation in x's dtype,
-    packed [B, L, C].  parts: as ``_fwd_kernel``'s, whole ``config.block_c`` blocks."""
-    (b, l, c), width = x.shape, weight.shape[0]
-    kernel = functools.partial(_fwd_kernel, width=width, block_l=config.block_l,
+    packed [B, L, C].  xs: the input parts [B, L, C_i]; parts: as ``_fwd_kernel``'s, whole
+    ``config.block_c`` blocks."""
+    (b, l, _), width = xs[0].shape, weight.shape[0]
+    c, dtype = weight.shape[1], xs[0].dtype
+    in_parts = _in_parts(xs)
+    kernel = functools.partial(_fwd_kernel, n_in=len(xs), width=width, block_l=config.block_l,
                                block_c=config.block_c, activation=activation, length=l,
-                               parts=parts, backward=dys is not None)
-    part_shapes = [jax.ShapeDtypeStruct((b, l, n), x.dtype) for _, n, _ in parts]
-    part_specs = [_tiles(config)] if len(parts) == 1 else [_whole(p) for p in part_shapes]
-    specs = [_whole(x), _whole(rank), _whole(weight)]
+                               in_parts=in_parts, parts=parts, backward=dys is not None)
+    part_shapes = [jax.ShapeDtypeStruct((b, l, n), dtype) for _, n, _ in parts]
+    single = len(parts) == 1 and len(xs) == 1
+    part_specs = [_tiles(config)] if single else [_whole(p) for p in part_shapes]
+    specs = [_whole(x) for x in xs] + [_whole(rank), _whole(weight)]
     if dys is None:
         args, out_shape, out_specs = (), tuple(part_shapes), tuple(part_specs)
     else:
-        args, out_shape, out_specs = tuple(dys), jax.ShapeDtypeStruct(x.shape, x.dtype), _tiles(
-            config)
+        args = tuple(dys)
+        out_shape, out_specs = jax.ShapeDtypeStruct((b, l, c), dtype), _tiles(config)
         specs += part_specs
     return pl.pallas_call(
         kernel, out_shape=out_shape,
         grid=(b, l // config.block_l, c // config.block_c), in_specs=specs,
         out_specs=out_specs, compiler_params=_params(config), interpret=_interpret(),
-        name="short_conv_fwd" if dys is None else "short_conv_bwd_dacc")(x, rank, weight, *args)
+        name="short_conv_fwd" if dys is None else "short_conv_bwd_dacc")(*xs, rank, weight,
+                                                                          *args)
 
 
-def _bwd_call(x, rank, weight, dys, activation, configs, parts):
-    """(dx in x's dtype, dweight float32 [W, C]) from one dy per part.  configs: (tiles of the
-    dacc pass, tiles of the dx / dweight pass)."""
-    (b, l, c), width = x.shape, weight.shape[0]
+def _bwd_call(xs, rank, weight, dys, activation, configs, parts):
+    """(dx per input part in x's dtype, dweight float32 [W, C]) from one dy per part.  configs:
+    (tiles of the dacc pass, tiles of the dx / dweight pass)."""
+    (b, l, _), (width, c) = xs[0].shape, weight.shape
     feature_config, config = configs
     n_blocks = l // config.block_l
     if activation:
-        dacc = _fwd_call(x, rank, weight, activation, feature_config, parts, dys=dys)
+        dacc = _fwd_call(xs, rank, weight, activation, feature_config, parts, dys=dys)
     else:
         dacc = dys[0] if len(dys) == 1 else jnp.concatenate(dys, axis=-1)
-    kernel = functools.partial(_bwd_kernel, width=width, block_l=config.block_l,
-                               block_c=config.block_c, length=l)
+    kernel = functools.partial(_bwd_kernel, n_in=len(xs), width=width, block_l=config.block_l,
+                               block_c=config.block_c, length=l, in_parts=_in_parts(xs))
     dw_shape = jax.ShapeDtypeStruct((b, n_blocks, width, c), F32)
-    dx, dw_parts = pl.pallas_call(
-        kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), dw_shape),
+    dx_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
+    dx_specs = [_tiles(config)] if len(xs) == 1 else [_whole(d) for d in dx_shapes]
+    *dxs, dw_parts = pl.pallas_call(
+        kernel, out_shape=(*dx_shapes, dw_shape),
         grid=(b, n_blocks, c // config.block_c),
-        in_specs=[_whole(x), _whole(rank), _whole(weight), _whole(dacc)],
-        out_specs=(_tiles(config), _whole(dw_shape)),
+        in_specs=[_whole(x) for x in xs] + [_whole(rank), _whole(weight), _whole(dacc)],
+        out_specs=(*dx_specs, _whole(dw_shape)),
         compiler_params=_params(config), interpret=_interpret(),
-        name="short_conv_bwd")(x, rank, weight, dacc)
-    return dx, jnp.sum(dw_parts, axis=(0, 1))
+        name="short_conv_bwd")(*xs, rank, weight, dacc)
+    return tuple(dxs), jnp.sum(dw_parts, axis=(0, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _short_conv(x, weight, rank, activation: bool, configs, parts):
+def _short_conv(xs, weight, rank, activation: bool, configs, parts):
     """The kernels on whole tiles of both configs (feature passes, dx pass); weight float32.
-    parts: ((first channel, channels, scale or None), ...) covering C; one array per part."""
-    return _fwd_call(x, rank, weight, activation, configs[0], parts)
+    xs: tuple of input parts along channels; parts: ((first channel, channels, scale or None),
+    ...) covering C; one output array per part."""
+    return _fwd_call(xs, rank, weight, activation, configs[0], parts)
 
 
-def _short_conv_fwd(x, weight, rank, activation, configs, parts):
-    return _fwd_call(x, rank, weight, activation, configs[0], parts), (x, weight, rank)
+def _short_conv_fwd(xs, weight, rank, activation, configs, parts):
+    return _fwd_call(xs, rank, weight, activation, configs[0], parts), (xs, weight, rank)
 
 
 def _short_conv_bwd(activation, configs, parts, res, dys):
-    x, weight, rank = res
-    dx, dw = _bwd_call(x, rank, weight, dys, activation, configs, parts)
-    return dx, dw, None
+    xs, weight, rank = res
+    dxs, dw = _bwd_call(xs, rank, weight, dys, activation, configs, parts)
+    return dxs, dw, None
 
 
 _short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)
@@ -261,7 +318,10 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
     """SiLU(causal depthwise conv) of a packed stream, restarting at every segment start.
 
     Args:
-      x: [B, L, C] float (bf16 or f32) raw projections.
+      x: [B, L, C] float (bf16 or f32) raw projections, or a sequence of parts [B, L, C_i] (one
+        dtype) that make x along the channels: where every part is a whole number of tiles the
+        kernels read them as they are (no concatenation; the backward returns one dx per part),
+        else they are concatenated first.
       weight: [W, C] float (weight[W-1] multiplies the current token).
       rank: int [B, L], index of each slot inside its segment (taps reaching before it read zero;
         a negative rank makes the slot's output exactly zero).
@@ -280,17 +340,23 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
         XLA on the rounded output.
     Returns:
       [B, L, C] in x's dtype (accumulated in float32), or the list of parts with ``splits``;
-      differentiable in x and weight (dx in x's dtype, dweight in weight's dtype).  GPU (Triton);
-      interpret mode on CPU.
+      differentiable in x (each part) and weight (dx in x's dtype, dweight in weight's dtype).
+      GPU (Triton); interpret mode on CPU.
     """
-    if x.ndim != 3 or weight.ndim != 2 or weight.shape[1] != x.shape[2]:
-        raise ValueError(f"short_conv: need x [B, L, C] and weight [W, C], got x {x.shape}, "
-                         f"weight {weight.shape}")
-    if rank.shape != x.shape[:2]:
-        raise ValueError(f"short_conv: rank must be [B, L] = {list(x.shape[:2])}, got "
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    if not xs or any(p.ndim != 3 or p.shape[:2] != xs[0].shape[:2] or p.dtype != xs[0].dtype
+                     for p in xs):
+        raise ValueError(f"short_conv: x must be [B, L, C] or parts [B, L, C_i] of one dtype, "
+                         f"got {[(p.shape, str(p.dtype)) for p in xs]}")
+    c = sum(p.shape[2] for p in xs)
+    if weight.ndim != 2 or weight.shape[1] != c:
+        raise ValueError(f"short_conv: need x [B, L, C] and weight [W, C], got x "
+                         f"{[p.shape for p in xs]}, weight {weight.shape}")
+    if rank.shape != xs[0].shape[:2]:
+        raise ValueError(f"short_conv: rank must be [B, L] = {list(xs[0].shape[:2])}, got "
                          f"{list(rank.shape)}")
     config = config or ConvConfig()
-    _, l, c = x.shape
+    l, dtype = xs[0].shape[1], xs[0].dtype
     bounds = [0, *splits, c]
     if any(lo > hi for lo, hi in zip(bounds, bounds[1:])):
         raise ValueError(f"short_conv: splits must be increasing channel indices in [0, {c}], "
@@ -312,22 +378,27 @@ def short_conv(x, weight, rank, *, activation: bool = True, config: ConvConfig |
     fused = not normalise or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
     feature_config = head_tiles(config, head_dim) if normalise and fused else config
     block_c = max(config.block_c, feature_config.block_c)
+    if len(xs) > 1 and (not fused or any(p.shape[2] % block_c for p in xs)):
+        return short_conv(jnp.concatenate(xs, axis=-1), weight, rank, activation=activation,
+                          config=config, splits=splits, head_norm=head_norm)
     if not fused or (splits and (any(v % block_c for v in bounds) or 0 in widths)):
-        out = short_conv(x, weight, rank, activation=activation, config=config)
+        out = short_conv(xs, weight, rank, activation=activation, config=config)
         parts = jnp.split(out, list(splits), axis=-1) if splits else [out]
         if head_norm is not None:
-            parts = head_norm_parts(parts, head_norm, x.dtype)
+            parts = head_norm_parts(parts, head_norm, dtype)
         return parts if splits else parts[0]
-    # Without splits: one part, C rounded up to whole blocks.
+    # Without splits: one part, C rounded up to whole blocks (one input then: parts of several
+    # inputs are whole blocks).
     parts = tuple(zip(bounds[:-1], widths, scales)) if splits else ((0, c + -c % block_c,
                                                                      scales[0]),)
     block_l = max(config.block_l, feature_config.block_l)
     pad_l, pad_c = -l % block_l, -c % block_c
     if pad_l or pad_c:   # ragged edges: zero rows after the stream (never read by earlier rows)
-        x = jnp.pad(x, ((0, 0), (0, pad_l), (0, pad_c)))
+        xs = [jnp.pad(p, ((0, 0), (0, pad_l), (0, pad_c if i == len(xs) - 1 else 0)))
+              for i, p in enumerate(xs)]
         rank = jnp.pad(rank, ((0, 0), (0, pad_l)))
         weight = jnp.pad(weight, ((0, 0), (0, pad_c)))
-    outs = _short_conv(x, weight.astype(F32), rank.astype(jnp.int32), bool(activation),
+    outs = _short_conv(tuple(xs), weight.astype(F32), rank.astype(jnp.int32), bool(activation),
                        (feature_config, config), parts)
     if pad_l or pad_c:
         outs = [o[:, :l, :c] for o in outs]

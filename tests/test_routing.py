@@ -163,7 +163,7 @@ def ref_stream_raw(self, xc, idx, plan):
         kvba = jnp.concatenate([kvba, jnp.pad(shared, ((0, 0), (0, plan.length - lr - t),
                                                        (0, 0)))], axis=1)
     nkv = self.key_dim + self.value_dim
-    return jnp.concatenate([q, kvba[..., :nkv]], axis=-1), kvba[..., nkv:]
+    return (q, kvba[..., :nkv]), kvba[..., nkv:]
 
 
 def _vjp_pair(fn, ref_fn, args, seed):

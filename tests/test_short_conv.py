@@ -224,3 +224,51 @@ def test_head_norm_errors():
         sc.short_conv(x, weight, rank, activation=False, head_norm=(16, (1.0,)))
     with pytest.raises(ValueError, match="multiple of head_dim"):
         sc.short_conv(x, weight, rank, splits=(40,), head_norm=(16, (1.0, None)))
+
+
+@pytest.mark.parametrize("in_splits,splits,norm,config", [
+    ((64,), (64, 128), (32, (0.25, 1.0, None)), SMALL),   # the layers' call: q | k|v inputs
+    ((64, 96), (), None, SMALL),                          # three inputs, one packed output
+    ((64,), (), None, SMALL),                             # one tile-sized input, one output
+    ((40,), (64, 128), None, SMALL),                      # 40 not whole tiles: concatenated
+])
+def test_input_parts_equal_the_concatenated_input(in_splits, splits, norm, config):
+    """x given as parts along the channels: the same output and dweight as the concatenated x,
+    and each part's dx is that slice of the concatenated x's dx (the kernels read and write the
+    parts as they are where they are whole tiles)."""
+    b, l, c, w = 2, 100, 192, 4
+    x, weight, rank, dy = _stream(21, b, l, c, w, p_start=0.3)
+
+    def packed(x, weight):
+        return sc.short_conv(x, weight, rank, config=config, splits=splits, head_norm=norm)
+
+    def parted(xs, weight):
+        return sc.short_conv(list(xs), weight, rank, config=config, splits=splits, head_norm=norm)
+
+    dys = jnp.split(dy, splits, axis=-1) if splits else dy
+    out_ref, vjp_ref = jax.vjp(packed, x, weight)
+    out, vjp = jax.vjp(parted, tuple(jnp.split(x, in_splits, axis=-1)), weight)
+    for got, want in zip(out if splits else [out], out_ref if splits else [out_ref]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    (dxs, dw), (dx_ref, dw_ref) = vjp(dys), vjp_ref(dys)
+    np.testing.assert_allclose(jnp.concatenate(dxs, axis=-1), dx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_input_parts_lower_for_cuda(monkeypatch):
+    """The layers' call with q and k|v as two inputs lowers to three Triton calls."""
+    monkeypatch.setattr(sc, "_interpret", lambda: False)
+    sds = jax.ShapeDtypeStruct
+    args = ((sds((2, 6400, 1024), jnp.bfloat16), sds((2, 6400, 2048), jnp.bfloat16)),
+            sds((4, 3072), jnp.float32))
+
+    def loss(xs, weight, rank):
+        out = sc.short_conv(list(xs), weight, rank, splits=(1024, 2048),
+                            head_norm=(256, (0.0625, 1.0, None)))
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in out)
+
+    with jax.sharding.use_abstract_mesh(abstract_mesh()):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(
+            *args, sds((2, 6400), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert "concatenate" not in text

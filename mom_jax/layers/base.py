@@ -142,18 +142,21 @@ class RecurrentMixer(nnx.Module):
     def _activate_stream(self, qkv_raw, rank):
         """The features of a packed stream: short conv (restarting where rank == 0; zero output
         where rank < 0) + SiLU, or SiLU alone, then the q/k L2-norm per head:
-        [B, L, 2Kd+Vd] -> (q' = l2norm(q) * q_scale [B, L, Kd], k' = l2norm(k) [B, L, Kd],
-        v [B, L, Vd]) in qkv_raw's dtype.  The Pallas conv kernel where
-        ``ops.resolve_conv_impl(self.impl)`` picks it: it writes the three as separate arrays
-        (no split copies, no concatenation of their cotangents) and normalises the float32 tile
-        before rounding it, its backward applying the norm's Jacobian in the pass that applies
-        SiLU's (the norm's own XLA passes, 0.4 ms of a MoM layer's fwd+bwd on an H100, are gone:
+        [B, L, 2Kd+Vd] (or its parts along the channels, e.g. the MoM layer's q | k|v) ->
+        (q' = l2norm(q) * q_scale [B, L, Kd], k' = l2norm(k) [B, L, Kd], v [B, L, Vd]) in
+        qkv_raw's dtype.  The Pallas conv kernel where ``ops.resolve_conv_impl(self.impl)``
+        picks it: it reads the parts as they are and writes the three as separate arrays (no
+        concatenation or split copies either way) and normalises the float32 tile before
+        rounding it, its backward applying the norm's Jacobian in the pass that applies SiLU's
+        (the norm's own XLA passes, 0.4 ms of a MoM layer's fwd+bwd on an H100, are gone:
         benchmarks/NOTES.md session 11)."""
         splits = (self.key_dim, 2 * self.key_dim)
         head_norm = (self.head_dim, (self.q_scale, 1.0, None))
         if self.use_short_conv:
             return lc.short_conv_packed(qkv_raw, self._conv_weight(), rank, impl=self.impl,
                                         splits=splits, head_norm=head_norm)
+        if isinstance(qkv_raw, (list, tuple)):
+            qkv_raw = jnp.concatenate(qkv_raw, axis=-1)
         return oc.head_norm_parts(
             jnp.split(jax.nn.silu(qkv_raw.astype(jnp.float32)), splits, axis=-1), head_norm,
             qkv_raw.dtype)

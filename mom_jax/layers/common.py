@@ -57,7 +57,9 @@ def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "
     """Depthwise causal conv along a packed stream, restarting (zero history) at every segment.
 
     Args:
-      x: [B, L, C] raw projections; weight: [W, C] (weight[W-1] multiplies the current token);
+      x: [B, L, C] raw projections, or its parts along the channels (one dtype; the kernel reads
+        them as they are, XLA concatenates them); weight: [W, C] (weight[W-1] multiplies the
+        current token);
       rank: int32 [B, L], index of each slot inside its segment: taps that would reach before the
         segment start read zero (a negative rank: the slot's output is exactly zero).
       impl: "pallas" / "auto" run the Pallas kernel (``pallas_kernels.short_conv``) where
@@ -73,6 +75,8 @@ def short_conv_packed(x, weight, rank, *, activation: bool = True, impl: str = "
     if ops.resolve_conv_impl(impl) == "pallas":
         return ops.short_conv_kernel()(x, weight, rank, activation=activation, splits=splits,
                                        head_norm=head_norm)
+    if isinstance(x, (list, tuple)):
+        x = jnp.concatenate(x, axis=-1)
     w_size = weight.shape[0]
     acc = jnp.zeros(x.shape, jnp.float32)
     for shift in range(w_size):

@@ -138,7 +138,8 @@ class MoMLayer(RecurrentMixer):
         return self._concat_weights("{}_proj", dtype)
 
     def _stream_raw(self, xc, idx, plan: routing.DispatchPlan):
-        """The raw (pre-conv) streams: q|k|v [B, L, 2Kd+Vd] and b|a [B, L, nb+na], zero in padding.
+        """The raw (pre-conv) streams: q|k|v as the parts (q [B, L, Kd], k|v [B, L, Kd+Vd]) and
+        b|a [B, L, nb+na], zero in padding (the conv reads the two parts as they are).
 
         xc: [B, T, D] compute dtype; idx: [B, T, k] routing choices.  The projections run on the
         tokens plus one zero token (``routing.token_table`` layout: [B*T + 1, D]), so every slot,
@@ -168,7 +169,7 @@ class MoMLayer(RecurrentMixer):
             q = routing.gather_table(q_table, token_src, token_inv)
             kvba = routing.gather_table(kv_table.reshape(-1, n), *kv_sources)
         kv, extra = jnp.split(kvba, [self.key_dim + self.value_dim], axis=-1)   # VJP: one concat
-        return jnp.concatenate([q, kv], axis=-1), extra
+        return (q, kv), extra
 
     def _resolved_projection(self) -> str:
         """routed_projection with "auto" resolved; "dense" with single_kv_proj (one weight)."""
@@ -207,7 +208,7 @@ class MoMLayer(RecurrentMixer):
         xs = routing.gather_table(x_rows, token_src, token_inv).reshape(b * length, d)
         kv = grouped_matmul(xs, w_mem[:, :, :nkv], plan.layout.chunk_segment.reshape(-1),
                             self.chunk_size)
-        return jnp.concatenate([q, kv.reshape(b, length, nkv)], axis=-1), extra
+        return (q, kv.reshape(b, length, nkv)), extra
 
     def _ragged_raw(self, x, idx, plan: routing.DispatchPlan):
         """k|v|b|a raw stream [B, L, N] (zero in padding) through one grouped matmul
@@ -251,8 +252,8 @@ class MoMLayer(RecurrentMixer):
         if not output_final_state:
             return out, router_logits, None
         e = self.num_memories
-        buf = self._conv_tail(qkv_raw, plan.segment_offsets, plan.segment_lengths(),
-                              self.conv_history)
+        buf = self._conv_tail(jnp.concatenate(qkv_raw, axis=-1), plan.segment_offsets,
+                              plan.segment_lengths(), self.conv_history)
         cache = MoMCache(routed_state=final[:, :e], routed_conv=buf[:, :e],
                          shared_state=final[:, e] if self.shared_memory else None,
                          shared_conv=buf[:, e] if self.shared_memory else None)
