@@ -15,8 +15,10 @@ features out of that layout, forward and backward (1.3 ms of a GDN layer's 5.5 m
 MoM layer's 14 ms fwd+bwd on an H100; benchmarks/NOTES.md).
 
 Kernels (grid over row x time block x channel block; every load a [block_l, block_c] tile):
-  forward:  W shifted loads of x, one store of SiLU(acc) in x's dtype (with ``splits``, into the
-            output array of the part that holds the tile's channels: q, k, v come out separate);
+  forward:  W shifted loads of x (of the input part that holds the tile's channels, where x
+            comes in parts: the MoM layer's q and k|v), one store of SiLU(acc) in x's dtype
+            (with ``splits``, into the output array of the part that holds the tile's channels:
+            q, k, v come out separate);
   backward: two passes.  First dacc = dy * SiLU'(acc) (the forward's loads plus dy, read from
             the part's cotangent; for a normalised part dy goes through the norm's Jacobian
             first, from the recomputed tile), stored in x's dtype; then for each shift s the
