@@ -93,6 +93,16 @@ def test_grouped_projection_matches_reference_forward_and_grad():
     check_against_reference(randomize(make_layer(routed_projection="grouped"), seed=3), seed=4)
 
 
+@pytest.mark.parametrize("rule", ["linear", "gla"])
+def test_grouped_projection_other_rules_match_reference(rule):
+    """Without beta / decay columns (linear) and with GLA's key-wide decay (forward)."""
+    layer = randomize(make_layer(rule, routed_projection="grouped"), seed=5)
+    x = jax.random.normal(jax.random.PRNGKey(6), (B, T, D))
+    apply, p = layer_fn(layer)
+    y_ref = ref.reference_mom(p, x, cfg_of(layer), ref.routing_choices(p, x, layer.topk))
+    assert rel_err(apply(p, x), y_ref) < 2e-5
+
+
 def test_auto_projection_resolution():
     """"auto" projects with the grouped kernel where ``resolve_grouped_matmul_impl`` says so (on
     CPU: impl="pallas" only), else densely; one k|v weight (single_kv_proj) is always dense."""
