@@ -1,6 +1,6 @@
 """Times the MoM layer (and the Gated DeltaNet layer) forward and forward+backward.
 
-Usage (GPU machine):  python -m benchmarks.bench_layer [--impls xla,pallas] [--projections dense]
+Usage (GPU machine):  python -m benchmarks.bench_layer [--impls xla,pallas] [--projections auto,dense]
                           [--shapes 8x2048,2x8192] [--out benchmarks/results/x.json]
                           [--kernel-configs '{}' '{"ut_kernel": "masked"}'] [--conv-impls pallas,xla]
 Several impls run side by side in one process (same card, same inputs); with --kernel-configs, the
@@ -93,7 +93,7 @@ def check_correctness(impl: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impls", default="xla", help="comma list, timed side by side")
-    ap.add_argument("--projections", default="ragged,dense", help="MoM routed_projection values")
+    ap.add_argument("--projections", default="auto,dense", help="MoM routed_projection values")
     ap.add_argument("--memories", default="4,8", help="MoM E values")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="")

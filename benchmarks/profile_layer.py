@@ -2,10 +2,11 @@
 
   python -m benchmarks.profile_layer [--memories 4] [--shape 8x2048] [--impl auto] [--conv pallas]
                                     [--what fwdbwd|fwd] [--kernel-config JSON]
-                                    [--projection dense|ragged] [--out F]
+                                    [--projection auto|grouped|dense|ragged] [--out F]
 
 Builds the layer of ``bench_layer`` (D=1024, 4 heads x 256, top-2, shared memory, ``--projection``
-routed projections (default dense), bf16), warms up ``value_and_grad`` (``bench_layer.layer_fns``;
+routed projections (default auto: grouped on the GPU), bf16), warms up ``value_and_grad``
+(``bench_layer.layer_fns``;
 ``--what fwd``: the forward alone), with ``--kernel-config`` fields over the Pallas kernels'
 default ``Config``, records a ``jax.profiler`` trace of ``--calls`` calls and reads it back
 (``profile_decode.kernel_events``): GPU kernels grouped by name (count and ms per call, largest
@@ -88,7 +89,7 @@ def main():
     ap.add_argument("--memories", type=int, default=4)
     ap.add_argument("--shape", default="8x2048", help="BxT")
     ap.add_argument("--impl", default="auto")
-    ap.add_argument("--projection", default="dense", choices=MOM_PROJECTIONS,
+    ap.add_argument("--projection", default="auto", choices=MOM_PROJECTIONS,
                     help="MoMLayer routed_projection")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--conv", default="pallas", help="short conv: pallas (kernel where the impl "
