@@ -42,10 +42,10 @@ class GroupedMatmulConfig:
     """Tiling (hashable; powers of two but the stage counts).
 
     block_m: rows of a forward tile, clamped to [group_rows, 2 * group_rows] (a tile across a
-      group boundary runs one masked dot per group, each over the whole tile).  block_n, block_k: output columns and reduction depth
-      of a forward step.  dw_block_k, dw_block_n: the dw kernel's output tile [dw_block_k,
-      dw_block_n] (its reduction runs over whole chunks).  num_warps / num_stages: per program,
-      forward and dw kernels.
+      group boundary runs one masked dot per group, each over the whole tile).  block_n,
+      block_k: output columns and reduction depth of a forward step.  dw_block_k, dw_block_n:
+      the dw kernel's output tile [dw_block_k, dw_block_n] (its reduction runs over whole
+      chunks).  num_warps / num_stages: per program, forward and dw kernels.
     """
     block_m: int = 128
     block_n: int = 128
