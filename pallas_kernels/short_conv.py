@@ -194,8 +194,8 @@ def _bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts):
     dx = daccs[0] * taps[0]
     for s in range(1, width):
         dx = dx + daccs[s] * taps[s]
-    for i, in_block, _o, _ob, cond in _part_pairs(c, block_c, in_parts, ((0, in_parts[-1][0]
-                                                                          + in_parts[-1][1]),)):
+    all_channels = ((0, w_ref.shape[1]),)     # one output: dx goes to the input's own part
+    for i, in_block, _o, _ob, cond in _part_pairs(c, block_c, in_parts, all_channels):
         def _(i=i, in_block=in_block):
             in_cols = pl.ds(in_block * block_c, block_c)
             x0 = _tile(x_refs[i], b, rows, in_cols, length)

@@ -154,7 +154,7 @@ class MoMLayer(RecurrentMixer):
             q = routing.gather_table(x_rows @ self.q_proj[...].astype(dtype), token_src, token_inv)
             kvba = self._ragged_raw(xc, idx, plan)
         elif projection == "grouped":
-            return self._grouped_raw(x_rows, idx, plan)
+            return self._grouped_raw(x_rows, idx, plan, (token_src, token_inv))
         else:
             # q and every memory's k|v|b|a in one matmul (``projection_weight``): the backward
             # then reads one cotangent table for both dx and dW (as two matmuls, XLA gathered the
@@ -179,15 +179,15 @@ class MoMLayer(RecurrentMixer):
             return self.routed_projection
         return "grouped" if ops.resolve_grouped_matmul_impl(self.impl) == "pallas" else "dense"
 
-    def _grouped_raw(self, x_rows, idx, plan: routing.DispatchPlan):
+    def _grouped_raw(self, x_rows, idx, plan: routing.DispatchPlan, token_sources):
         """``_stream_raw`` with routed_projection="grouped": the k|v part of every slot is its
         token's row of x times its memory's k|v weight, computed on the stream (``x_rows``
         gathered into it) by ``pallas_kernels.grouped_matmul`` with each chunk's segment as the
         group (the routed memories, then the shared one).  q and the beta / decay columns stay
         per-token tables (one matmul with [W_q | every memory's b|a], gathered like the dense
         path's; narrow for the gated delta rule, Kd wide per memory for GLA's decay).
-        x_rows: [B*T + 1, D] (``routing.token_table``).  Returns ((q, k|v), b|a) as
-        ``_stream_raw``."""
+        x_rows: [B*T + 1, D] (``routing.token_table``); token_sources: its
+        ``routing.stream_sources(plan)``.  Returns ((q, k|v), b|a) as ``_stream_raw``."""
         if ops.resolve_grouped_matmul_impl("pallas") != "pallas":
             raise ValueError(f"routed_projection='grouped' runs a Triton kernel (GPU, or CPU in "
                              f"interpret mode); not available on {jax.default_backend()}: use "
@@ -199,19 +199,16 @@ class MoMLayer(RecurrentMixer):
         w_mem = self._memory_weights(dtype)                                        # [E, D, N]
         if self.shared_memory:
             w_mem = jnp.concatenate([w_mem, self._concat_weights("shared_{}", dtype)[None]], 0)
-        _, d, n = w_mem.shape
-        token_src, token_inv = routing.stream_sources(plan)
-        if n == nkv:    # no beta / decay columns (linear attention)
-            q = routing.gather_table(x_rows @ self.q_proj[...].astype(dtype), token_src, token_inv)
-            extra = jnp.zeros((b, length, 0), dtype)
-        else:
-            w_extra = jnp.transpose(w_mem[:, :, nkv:], (1, 0, 2)).reshape(d, -1)  # [D, G*nx]
-            table = x_rows @ jnp.concatenate([self.q_proj[...].astype(dtype), w_extra], axis=1)
-            q_table, extra_table = jnp.split(table, [kd], axis=1)
-            q = routing.gather_table(q_table, token_src, token_inv)
-            extra = routing.gather_table(extra_table.reshape(-1, n - nkv),
-                                         *routing.stream_sources(plan, idx))
-        xs = routing.gather_table(x_rows, token_src, token_inv).reshape(b * length, d)
+        groups, d, n = w_mem.shape
+        nx = n - nkv            # beta / decay columns per memory (none for linear attention)
+        w_extra = jnp.transpose(w_mem[:, :, nkv:], (1, 0, 2)).reshape(d, groups * nx)
+        table = x_rows @ jnp.concatenate([self.q_proj[...].astype(dtype), w_extra], axis=1)
+        q_table, extra_table = jnp.split(table, [kd], axis=1)
+        q = routing.gather_table(q_table, *token_sources)
+        extra = (routing.gather_table(extra_table.reshape(-1, nx),
+                                      *routing.stream_sources(plan, idx)) if nx
+                 else jnp.zeros((b, length, 0), dtype))
+        xs = routing.gather_table(x_rows, *token_sources).reshape(b * length, d)
         kv = grouped_matmul(xs, w_mem[:, :, :nkv], plan.layout.chunk_segment.reshape(-1),
                             self.chunk_size)
         return (q, kv.reshape(b, length, nkv)), extra
