@@ -21,11 +21,10 @@ Kernels (grid over row x time block x channel block; every load a [block_l, bloc
             q, k, v come out separate);
   backward: two passes.  First dacc = dy * SiLU'(acc) (the forward's loads plus dy, read from
             the part's cotangent; for a normalised part dy goes through the norm's Jacobian
-            first, from the recomputed tile), stored in x's dtype, and the weight gradient from
-            the same tiles: each program walks ``dacc_tiles`` row tiles and leaves one partial
-            sum sum_t x[t-s] dacc[t] per shift, [B, L / (block_l * dacc_tiles), W, C] float32,
-            summed in XLA; then dx[t] = sum_s w[W-1-s] dacc[t+s] from the tiles of dacc at rows
-            t+s (masked by the segment restarts), the only array this pass reads.
+            first, from the recomputed tile), stored in x's dtype; then for each shift s the
+            tile of dacc at rows t+s (masked by the segment restarts):
+            dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile partial
+            sums sum_t x[t] dacc[t+s], [B, L / block_l, W, C] float32, summed in XLA.
 Every pass is bound by HBM traffic (on an H100 the forward at the MoM stream's size, 315 MB in and
 out, takes 1.1-1.2x an XLA elementwise copy of x); benchmarks/NOTES_kernels.md has the sweep and
 the one-pass backward that lost.
@@ -53,16 +52,13 @@ class ConvConfig:
     """Tiling of the short-conv kernels (hashable; powers of two).
 
     block_l, block_c: time steps and channels of one tile (one program).  num_warps: per program.
-    dacc_tiles: row tiles one program of the backward's first pass walks in turn (its weight-
-      gradient partial sums are one per program: [B, L / (block_l * dacc_tiles), W, C] float32).
     """
     block_l: int = 64
     block_c: int = 64
     num_warps: int = 4
-    dacc_tiles: int = 8
 
     def __post_init__(self):
-        for name in ("block_l", "block_c", "num_warps", "dacc_tiles"):
+        for name in ("block_l", "block_c", "num_warps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"ConvConfig.{name} must be a power of two, got {v!r}")
@@ -120,15 +116,19 @@ def _branch(cond, body):
         pl.when(cond)(body)
 
 
-def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_parts, parts):
-    """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block.
+def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_parts, parts,
+                backward):
+    """Forward tile: SiLU(acc) (or acc) into the output of the part holding this channel block;
+    with ``backward`` (refs after the inputs = one dy per part, then dacc) the backward's first
+    pass instead: dacc = dy * SiLU'(acc), stored in x's dtype into the packed dacc.
 
-    refs: the n_in input parts (x), rank, weight, then one output per part.  in_parts: ((first
-    channel, channels), ...) of the inputs; parts: ((first channel, channels, scale), ...) of the
-    outputs, static; channels are whole blocks.  scale None: the part is SiLU(acc); a number s:
-    each row of the tile (one head: block_c = head_dim) is L2-normalised and scaled,
-    y = s * u / sqrt(|u|^2 + eps) with u = SiLU(acc).  One input and one output part: this
-    program's tiles; else whole-array refs, stored under a branch per (input, output) pair.
+    refs: the n_in input parts (x), rank, weight, then the outputs.  in_parts: ((first channel,
+    channels), ...) of the inputs; parts: ((first channel, channels, scale), ...) of each output
+    (each dy), static; channels are whole blocks.  scale None: the part is SiLU(acc); a number
+    s: each row of the tile (one head: block_c = head_dim) is L2-normalised and scaled,
+    y = s * u / sqrt(|u|^2 + eps) with u = SiLU(acc), and the backward applies that Jacobian to
+    dy before SiLU's.  One input and one output part: this program's tiles; else whole-array
+    refs, stored under a branch per (input, output) pair.
     """
     x_refs, (rank_ref, w_ref), refs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -138,15 +138,35 @@ def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_par
     tile_rows = pl.ds(j * block_l, block_l)
     single = len(in_parts) == 1 and len(parts) == 1
 
+    def pre_activation(i, in_block):
+        return _pre_activation(x_refs[i], rank, rows, b, pl.ds(in_block * block_c, block_c), taps,
+                               length)
+
+    if backward:
+        dy_refs, (o_ref,) = refs[:len(parts)], refs[len(parts):]
+
+        def dacc(acc, dy, scale):
+            u, grad = _silu_and_grad(acc)
+            dy = dy.astype(F32)
+            if scale is not None:   # the L2-norm's Jacobian, each row of the tile one head
+                dy = l2norm_vjp(u, l2norm_rstd(u)[1], dy * scale)
+            return (dy * grad).astype(o_ref.dtype)
+
+        for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
+            def _(i=i, in_block=in_block, o=o, out_block=out_block):
+                dy = (dy_refs[0][...] if single else
+                      dy_refs[o][b, tile_rows, pl.ds(out_block * block_c, block_c)])
+                o_ref[...] = dacc(pre_activation(i, in_block), dy, parts[o][2])
+            _branch(cond, _)
+        return
+
     def feature(acc, scale):
         out = _silu_and_grad(acc)[0] if activation else acc
         return out if scale is None else l2norm_rstd(out)[0] * scale
 
     for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
         def _(i=i, in_block=in_block, o=o, out_block=out_block):
-            acc = _pre_activation(x_refs[i], rank, rows, b, pl.ds(in_block * block_c, block_c),
-                                  taps, length)
-            y = feature(acc, parts[o][2]).astype(refs[o].dtype)
+            y = feature(pre_activation(i, in_block), parts[o][2]).astype(refs[o].dtype)
             if single:
                 refs[0][...] = y
             else:
@@ -154,84 +174,37 @@ def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_par
         _branch(cond, _)
 
 
-def _dacc_kernel(*refs, n_in, width, block_l, block_c, tiles_per_program, n_tiles, activation,
-                 length, in_parts, parts):
-    """Backward's first pass over ``tiles_per_program`` consecutive row tiles of one channel
-    block (fewer in the last program of a row): dacc = dy * SiLU'(acc) (dy through the norm's
-    Jacobian first for a normalised part; dacc = dy without activation), stored in x's dtype into
-    the packed dacc, and this program's partial sums of the weight gradient,
-    dw[W-1-s] = sum_t x[t-s] dacc[t] over the taps that reached x (float32 dacc).
-
-    refs: the n_in input parts (x), rank, weight, one dy per output part, then dacc [B, L, C]
-    and the partials [B, programs per row, W, C] (whole arrays).  in_parts / parts: as
-    ``_fwd_kernel``'s."""
-    x_refs, (rank_ref, w_ref), refs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
-    dy_refs, (dacc_ref, dw_ref) = refs[:len(parts)], refs[len(parts):]
-    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    cols = pl.ds(c * block_c, block_c)
-    taps = _taps(w_ref, cols, width)
-    first = g * tiles_per_program
-    count = jnp.minimum(tiles_per_program, n_tiles - first)
-
-    def dacc(acc, dy, scale):
-        dy = dy.astype(F32)
-        if not activation:
-            return dy
-        u, grad = _silu_and_grad(acc)
-        if scale is not None:   # the L2-norm's Jacobian, each row of the tile one head
-            dy = l2norm_vjp(u, l2norm_rstd(u)[1], dy * scale)
-        return dy * grad
-
-    for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
-        def _(i=i, in_block=in_block, o=o, out_block=out_block):
-            in_cols = pl.ds(in_block * block_c, block_c)
-
-            def tile(t, dws):
-                j = first + t
-                tile_rows = pl.ds(j * block_l, block_l)
-                rows = j * block_l + jnp.arange(block_l)
-                rank = rank_ref[b, tile_rows]
-                acc = _pre_activation(x_refs[i], rank, rows, b, in_cols, taps, length)
-                dy = dy_refs[o][b, tile_rows, pl.ds(out_block * block_c, block_c)]
-                d = dacc(acc, dy, parts[o][2])
-                dacc_ref[b, tile_rows, cols] = d.astype(dacc_ref.dtype)
-                new = []
-                for s, dw in enumerate(dws):   # the taps' masked loads again (cache hits)
-                    keep = ((rank >= s) & (rows >= s))[:, None]
-                    x_s = jnp.where(keep, _tile(x_refs[i], b, rows - s, in_cols, length), 0.0)
-                    new.append(dw + jnp.sum(x_s * d, axis=0))
-                return tuple(new)
-
-            dws = jax.lax.fori_loop(0, count, tile,
-                                    tuple(jnp.zeros((block_c,), F32) for _ in range(width)))
-            for s, dw in enumerate(dws):
-                dw_ref[b, g, width - 1 - s, cols] = dw
-        _branch(cond, _)
-
-
-def _bwd_kernel(*refs, width, block_l, block_c, length, in_parts):
+def _bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts):
     """Backward tile from dacc (the cotangent of the pre-activation): dx[t] = sum_s tap_s *
-    dacc[t+s] where the output at t+s reads x[t] (rank[t+s] >= s).  refs: rank, weight, dacc,
-    then one dx per input part (this program's tile with one part)."""
-    (rank_ref, w_ref, dacc_ref), dx_refs = refs[:3], refs[3:]
+    dacc[t+s] where the output at t+s reads x[t] (rank[t+s] >= s), and per-tile partial sums of
+    the weight gradient sum_t x[t] dacc[t+s] (masked alike).  refs: the n_in input parts, rank,
+    weight, dacc, then one dx per input part (this program's tile with one part), dw."""
+    x_refs, (rank_ref, w_ref, dacc_ref) = refs[:n_in], refs[n_in:n_in + 3]
+    dx_refs, dw_ref = refs[n_in + 3:2 * n_in + 3], refs[2 * n_in + 3]
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = j * block_l + jnp.arange(block_l)
     cols = pl.ds(c * block_c, block_c)
     taps = _taps(w_ref, cols, width)
-    dx = jnp.zeros((block_l, block_c), F32)
+    daccs = []
     for s in range(width):
         out_rows = rows + s
         rank = rank_ref[b, jnp.minimum(out_rows, length - 1)]
         keep = ((out_rows < length) & (rank >= s))[:, None]
-        dx = dx + jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0) * taps[s]
+        daccs.append(jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0))
+    dx = daccs[0] * taps[0]
+    for s in range(1, width):
+        dx = dx + daccs[s] * taps[s]
     all_channels = ((0, w_ref.shape[1]),)     # one output: dx goes to the input's own part
     for i, in_block, _o, _ob, cond in _part_pairs(c, block_c, in_parts, all_channels):
         def _(i=i, in_block=in_block):
-            if len(in_parts) == 1:
+            in_cols = pl.ds(in_block * block_c, block_c)
+            x0 = _tile(x_refs[i], b, rows, in_cols, length)
+            for s in range(width):
+                dw_ref[b, j, width - 1 - s, cols] = jnp.sum(daccs[s] * x0, axis=0)
+            if n_in == 1:
                 dx_refs[0][...] = dx.astype(dx_refs[0].dtype)
             else:
-                dx_refs[i][b, pl.ds(j * block_l, block_l), pl.ds(in_block * block_c, block_c)] = (
-                    dx.astype(dx_refs[i].dtype))
+                dx_refs[i][b, pl.ds(j * block_l, block_l), in_cols] = dx.astype(dx_refs[i].dtype)
         _branch(cond, _)
 
 
@@ -259,62 +232,58 @@ def _in_parts(xs) -> tuple:
     return tuple((lo, hi - lo) for lo, hi in zip(bounds, bounds[1:]))
 
 
-def _fwd_call(xs, rank, weight, activation, config: ConvConfig, parts):
+def _fwd_call(xs, rank, weight, activation, config: ConvConfig, parts, dys=None):
     """SiLU(conv) (or the conv) in x's dtype, one array per part (normalised where its scale
-    says).  xs: the input parts [B, L, C_i]; parts: as ``_fwd_kernel``'s, whole
+    says); with dys (one per part), dacc = the cotangent of the pre-activation in x's dtype,
+    packed [B, L, C].  xs: the input parts [B, L, C_i]; parts: as ``_fwd_kernel``'s, whole
     ``config.block_c`` blocks."""
     (b, l, _), width = xs[0].shape, weight.shape[0]
-    dtype = xs[0].dtype
+    c, dtype = weight.shape[1], xs[0].dtype
+    in_parts = _in_parts(xs)
     kernel = functools.partial(_fwd_kernel, n_in=len(xs), width=width, block_l=config.block_l,
                                block_c=config.block_c, activation=activation, length=l,
-                               in_parts=_in_parts(xs), parts=parts)
+                               in_parts=in_parts, parts=parts, backward=dys is not None)
     part_shapes = [jax.ShapeDtypeStruct((b, l, n), dtype) for _, n, _ in parts]
     single = len(parts) == 1 and len(xs) == 1
     part_specs = [_tiles(config)] if single else [_whole(p) for p in part_shapes]
+    specs = [_whole(x) for x in xs] + [_whole(rank), _whole(weight)]
+    if dys is None:
+        args, out_shape, out_specs = (), tuple(part_shapes), tuple(part_specs)
+    else:
+        args = tuple(dys)
+        out_shape, out_specs = jax.ShapeDtypeStruct((b, l, c), dtype), _tiles(config)
+        specs += part_specs
     return pl.pallas_call(
-        kernel, out_shape=tuple(part_shapes),
-        grid=(b, l // config.block_l, weight.shape[1] // config.block_c),
-        in_specs=[_whole(x) for x in xs] + [_whole(rank), _whole(weight)],
-        out_specs=tuple(part_specs), compiler_params=_params(config), interpret=_interpret(),
-        name="short_conv_fwd")(*xs, rank, weight)
-
-
-def _dacc_call(xs, rank, weight, dys, activation, config: ConvConfig, parts):
-    """(dacc [B, L, C] in x's dtype, weight gradient [W, C] float32) from one dy per part."""
-    (b, l, _), (width, c) = xs[0].shape, weight.shape
-    n_tiles = l // config.block_l
-    per_row = pl.cdiv(n_tiles, config.dacc_tiles)
-    kernel = functools.partial(_dacc_kernel, n_in=len(xs), width=width, block_l=config.block_l,
-                               block_c=config.block_c, tiles_per_program=config.dacc_tiles,
-                               n_tiles=n_tiles, activation=activation, length=l,
-                               in_parts=_in_parts(xs), parts=parts)
-    out_shape = (jax.ShapeDtypeStruct((b, l, c), xs[0].dtype),
-                 jax.ShapeDtypeStruct((b, per_row, width, c), F32))
-    dacc, dw_parts = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(b, per_row, c // config.block_c),
-        in_specs=[_whole(a) for a in (*xs, rank, weight, *dys)],
-        out_specs=tuple(_whole(o) for o in out_shape), compiler_params=_params(config),
-        interpret=_interpret(), name="short_conv_bwd_dacc")(*xs, rank, weight, *dys)
-    return dacc, jnp.sum(dw_parts, axis=(0, 1))
+        kernel, out_shape=out_shape,
+        grid=(b, l // config.block_l, c // config.block_c), in_specs=specs,
+        out_specs=out_specs, compiler_params=_params(config), interpret=_interpret(),
+        name="short_conv_fwd" if dys is None else "short_conv_bwd_dacc")(*xs, rank, weight,
+                                                                          *args)
 
 
 def _bwd_call(xs, rank, weight, dys, activation, configs, parts):
     """(dx per input part in x's dtype, dweight float32 [W, C]) from one dy per part.  configs:
-    (tiles of the dacc pass, tiles of the dx pass)."""
+    (tiles of the dacc pass, tiles of the dx / dweight pass)."""
     (b, l, _), (width, c) = xs[0].shape, weight.shape
     feature_config, config = configs
-    dacc, dw = _dacc_call(xs, rank, weight, dys, activation, feature_config, parts)
-    kernel = functools.partial(_bwd_kernel, width=width, block_l=config.block_l,
+    n_blocks = l // config.block_l
+    if activation:
+        dacc = _fwd_call(xs, rank, weight, activation, feature_config, parts, dys=dys)
+    else:
+        dacc = dys[0] if len(dys) == 1 else jnp.concatenate(dys, axis=-1)
+    kernel = functools.partial(_bwd_kernel, n_in=len(xs), width=width, block_l=config.block_l,
                                block_c=config.block_c, length=l, in_parts=_in_parts(xs))
+    dw_shape = jax.ShapeDtypeStruct((b, n_blocks, width, c), F32)
     dx_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
     dx_specs = [_tiles(config)] if len(xs) == 1 else [_whole(d) for d in dx_shapes]
-    dxs = pl.pallas_call(
-        kernel, out_shape=tuple(dx_shapes),
-        grid=(b, l // config.block_l, c // config.block_c),
-        in_specs=[_whole(rank), _whole(weight), _whole(dacc)],
-        out_specs=tuple(dx_specs), compiler_params=_params(config), interpret=_interpret(),
-        name="short_conv_bwd")(rank, weight, dacc)
-    return tuple(dxs), dw
+    *dxs, dw_parts = pl.pallas_call(
+        kernel, out_shape=(*dx_shapes, dw_shape),
+        grid=(b, n_blocks, c // config.block_c),
+        in_specs=[_whole(x) for x in xs] + [_whole(rank), _whole(weight), _whole(dacc)],
+        out_specs=(*dx_specs, _whole(dw_shape)),
+        compiler_params=_params(config), interpret=_interpret(),
+        name="short_conv_bwd")(*xs, rank, weight, dacc)
+    return tuple(dxs), jnp.sum(dw_parts, axis=(0, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -58,9 +58,6 @@ def test_forward_matches_token_loop(b, l, c, w, activation):
     (2, 100, 40, 4, True, SMALL),
     (2, 96, 64, 3, False, SMALL),
     (1, 128, 64, 4, True, sc.ConvConfig(block_l=32, block_c=64)),
-    # the dacc pass's programs walk 2 of the 7 row tiles each (the last one: 1)
-    (2, 100, 64, 4, True, sc.ConvConfig(block_l=16, block_c=32, dacc_tiles=2)),
-    (2, 100, 32, 3, False, sc.ConvConfig(block_l=16, block_c=32, dacc_tiles=4)),
 ])
 def test_gradients_match_xla_autodiff(b, l, c, w, activation, config):
     x, weight, rank, dy = _stream(1, b, l, c, w, p_start=0.3)
@@ -112,9 +109,8 @@ def test_split_outputs_match_the_split_of_xla_autodiff(c, splits, config):
 
 
 def test_bfloat16_stream_within_rounding_of_float32():
-    """bf16 in and out (the dacc that dx reads stored in bf16 too): out and dx as close to the
-    float32 answer as XLA's own bf16 conv; dweight exact to float32 rounding (it is summed
-    from the float32 dacc and x, which bf16 holds exactly)."""
+    """bf16 in and out (the backward's dacc stored in bf16 too): out and dx as close to the
+    float32 answer as XLA's own bf16 conv; dweight within a few bf16 ulps (XLA keeps it exact)."""
     x, weight, rank, dy = _stream(2, 2, 80, 64, 4, dtype=jnp.bfloat16)
 
     def run(impl, x, dy):
@@ -134,7 +130,7 @@ def test_bfloat16_stream_within_rounding_of_float32():
 
     for i in (0, 1):
         assert 0 < err(got[i], want[i]) <= 1.2 * err(xla_bf16[i], want[i]) + 1e-4
-    assert err(got[2], want[2]) < 1e-5
+    assert err(got[2], want[2]) < 5e-3
 
 
 def test_config_and_shape_errors():
@@ -188,7 +184,6 @@ def test_kernels_lower_for_cuda(monkeypatch, splits, head_norm):
     (32, (64, 128), (0.25, 1.0, None), SMALL),             # q, k normalised, v plain
     (64, (128, 256), (0.125, 1.0, None), sc.ConvConfig()),  # head tiles of 64 rows x 64
     (16, (), (0.5,), SMALL),                               # one part, tiles of 64 x 16
-    (32, (64, 128), (0.25, 1.0, None), sc.ConvConfig(block_l=16, block_c=32, dacc_tiles=2)),
     (24, (48, 96), (0.2, 1.0, None), SMALL),               # head_dim not a power of two: XLA norm
 ])
 def test_head_norm_matches_xla_autodiff(head_dim, splits, scales, config):
