@@ -151,8 +151,8 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             gd_kernels.set_default_config(base_config)
-    print(f"\n| layer | E | proj | B x T | impl | kernel config | conv | fwd ms | fwd+bwd ms | queued |  "
-          f"({dev.device_kind})")
+    print(f"\n| layer | E | proj | B x T | impl | kernel config | conv | fwd ms | fwd+bwd ms | "
+          f"queued |  ({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
               f"| {r['batch']}x{r['seq']} | {r['impl']} | {r.get('kernel_config', '-')} | "

@@ -13,8 +13,9 @@ Shapes are B x L x C: 8x6400x3072 is the MoM layer's stream at B8 T2048 (E4 top-
 q|k|v = 3072 channels), 8x2048x3072 the Gated DeltaNet layer's.  Segments start at random slots
 (mean length 64).  bf16 x, float32 weight.  fwd = the conv; fwd+bwd = value_and_grad of
 sum(out * r) w.r.t. x and the weight.  Timing: ``benchmarks.timing.time_fn`` (3 warm-ups, median of
-``--repeats``, ``jax.block_until_ready``), fwd+bwd also queued (``timing.time_queued``).  Also checks the kernel against the XLA conv (max abs
-error of out, dx, dw relative to their max).  Memory traffic of the ideal fwd: read x, write out
+``--repeats``, ``jax.block_until_ready``), fwd+bwd also queued (``timing.time_queued``).  Also
+checks the kernel against the XLA conv (max abs error of each output, dx and dw relative to their
+max).  Memory traffic of the ideal fwd: read x, write out
 (2 bytes each); of the ideal bwd: read x and dy, write dx.
 """
 from __future__ import annotations

@@ -11,10 +11,10 @@ routed projections (default auto: grouped on the GPU), bf16), warms up ``value_a
 default ``Config``, records a ``jax.profiler`` trace of ``--calls`` calls and reads it back
 (``profile_decode.kernel_events``): GPU kernels grouped by name (count and ms per call, largest
 first) and by kind -- the Pallas gated delta kernels (``gdn_*``), the Pallas short-conv kernels
-(``short_conv_*``), the Pallas grouped matmul (``grouped_matmul*``), matmuls (cuBLAS / cutlass / XLA gemm fusions), everything else (XLA fusions:
-gathers, scatters, elementwise, reductions) -- against the wall time of a call and its GPU span
-(busy time plus the gaps between kernels); the slowest kernels one by one with their HLO result
-types (which array a fusion writes).
+(``short_conv_*``), the Pallas grouped matmul (``grouped_matmul*``), matmuls (cuBLAS / cutlass /
+XLA gemm fusions), everything else (XLA fusions: gathers, scatters, elementwise, reductions) --
+against the wall time of a call and its GPU span (busy time plus the gaps between kernels); the
+slowest kernels one by one with their HLO result types (which array a fusion writes).
 """
 from __future__ import annotations
 
