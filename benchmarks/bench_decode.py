@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import write_results
 from experiments.configs import lm_340m
 from mom_jax.decoding import Decoder, SamplingConfig
 from mom_jax.models import LanguageModel, ModelConfig
@@ -220,9 +221,7 @@ def main():
     def record(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(json_path, "w") as f:
-            json.dump(dict(device=dev, jax=jax.__version__, args=vars(args), rows=rows), f,
-                      indent=1)
+        write_results(json_path, dev, args=vars(args), rows=rows)
 
     # Priority order (a deadline may cut the tail): decode B1, decode larger batches, prefill.
     plan = [("decode", name, b, c) for b in batches for name in models for c in contexts]

@@ -22,7 +22,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import time_fn
+from benchmarks.timing import time_fn, write_results
 from mom_jax import routing
 from pallas_kernels import grouped_matmul as gm
 
@@ -120,8 +120,7 @@ def main():
         print(f"| {r_['shape']} | {r_['memories']} | {r_['impl']} | {r_['config'] or '-'} | "
               f"{r_['fwd_ms']:.3f} | {r_['fwd_bwd_ms']:.3f} | {ker} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev, jax=jax.__version__, rows=rows), f, indent=1)
+        write_results(args.out, dev, rows=rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.timing import time_fn, time_queued
+from benchmarks.timing import time_fn, time_queued, write_results
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
 from mom_jax.ops import api as ops_api
 from pallas_kernels import gated_delta as gd_kernels
@@ -159,8 +159,7 @@ def main():
               f"{r.get('conv', 'xla')} | "
               f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_queued_ms']:.2f} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
+        write_results(args.out, dev.device_kind, rows=rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import time_fn, time_queued
+from benchmarks.timing import time_fn, time_queued, write_results
 from mom_jax.layers import common as lc
 from pallas_kernels import short_conv as sc
 
@@ -107,8 +107,7 @@ def main():
         print(f"| {r_['shape']} | {r_['impl']} | {r_['config'] or '-'} | {r_['fwd_ms']:.3f} | "
               f"{r_['fwd_bwd_ms']:.3f} | {r_['fwd_bwd_queued_ms']:.3f} | {r_['fwd_GBps']:.0f} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev, jax=jax.__version__, rows=rows), f, indent=1)
+        write_results(args.out, dev, rows=rows)
 
 
 if __name__ == "__main__":

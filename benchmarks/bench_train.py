@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import write_results
 from experiments.configs import lm_340m
 from mom_jax.models import LanguageModel, ModelConfig
 from mom_jax.training import optim, steps
@@ -102,8 +103,7 @@ def main():
             print(f"loss check {v}: " + ", ".join(f"{r['impl']} {r['loss']:.4f}" for r in rs)
                   + f" -> {verdict}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev, jax=jax.__version__, rows=rows), f, indent=1)
+        write_results(args.out, dev, rows=rows)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import tempfile
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.bench_decode import TINY, VARIANT, random_cache
+from benchmarks.timing import write_results
 from experiments.configs import lm_340m
 from mom_jax.decoding import Decoder, SamplingConfig
 from mom_jax.models import LanguageModel, ModelConfig
@@ -189,8 +189,7 @@ def main():
             print("   while body:", r["body_ops"])
             for k in r["top_kernels"][:25]:
                 print(f"   {k['ms_per_token']:7.3f} ms {k['count_per_token']:6.1f}x  {k['name']}")
-            with open(out, "w") as f:
-                json.dump(dict(device=dev, jax=jax.__version__, rows=rows), f, indent=1)
+            write_results(out, dev, rows=rows)
     print(f"results: {out}")
 
 

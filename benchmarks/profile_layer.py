@@ -32,6 +32,7 @@ from flax import nnx
 
 from benchmarks.bench_layer import conv_impl, layer_fns
 from benchmarks.profile_decode import kernel_events
+from benchmarks.timing import write_results
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
 from mom_jax.layers.mom import ROUTED_PROJECTIONS as MOM_PROJECTIONS
 from pallas_kernels import gated_delta as gd_kernels
@@ -164,11 +165,9 @@ def main():
         for row in r["slowest_kernels"]:
             print(f"    {row['ms']:8.3f} ms  {row['name']}  {row['hlo_type']}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=dev, jax=jax.__version__, shape=args.shape, impl=args.impl,
-                           projection=args.projection,
-                           conv=args.conv, what=args.what, kernel_config=args.kernel_config,
-                           results=results), f, indent=1)
+        write_results(args.out, dev, shape=args.shape, impl=args.impl, projection=args.projection,
+                      conv=args.conv, what=args.what, kernel_config=args.kernel_config,
+                      results=results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Shared timing helper for the benchmark scripts."""
+"""Shared helpers of the benchmark scripts: timing, and the JSON results file."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -43,3 +44,10 @@ def time_queued(fn, args, rounds: int = 10, calls: int = 10) -> dict:
         ts.append((time.perf_counter() - t0) * 1e3 / calls)
     return {"queued_median_ms": statistics.median(ts), "queued_min_ms": min(ts),
             "queued_rounds": rounds, "queued_calls": calls}
+
+
+def write_results(path: str, device: str, **fields) -> None:
+    """Writes {"device": device, "jax": jax version, **fields} (e.g. rows=[...]) as indented JSON
+    to ``path``: the results file of every benchmark script."""
+    with open(path, "w") as f:
+        json.dump(dict(device=device, jax=jax.__version__, **fields), f, indent=1)
