@@ -1,6 +1,7 @@
 """GPU correctness check of the MoM layer at the benchmark size: impl="pallas" against impl="xla".
 
-  PYTHONPATH=. python3 benchmarks/check_mom_layer_gpu.py [--shapes 8x2048,2x8192] [--projection grouped]
+  PYTHONPATH=. python3 benchmarks/check_mom_layer_gpu.py [--shapes 8x2048,2x8192]
+                                                        [--projection grouped]
 
 MoM layer D1024, 4 heads x 256, E4 top-2, shared memory, routed projections as --projection says
 on the Pallas side (default dense; the XLA side is always dense), float32
@@ -64,8 +65,9 @@ def main():
         y_rel = rel(out["pallas"][0], out["xla"][0])
         g_rels = [rel(a, c) for a, c in zip(out["pallas"][1], out["xla"][1])]
         finite = all(bool(jnp.all(jnp.isfinite(a))) for a in (out["pallas"][0], *out["pallas"][1]))
-        print(f"MoM B{b} T{t} ({args.projection}): y rel {y_rel:.2e}; grads rel max {max(g_rels):.2e} median "
-              f"{np.median(g_rels):.2e} ({len(g_rels)} leaves); finite {finite}", flush=True)
+        print(f"MoM B{b} T{t} ({args.projection}): y rel {y_rel:.2e}; grads rel max "
+              f"{max(g_rels):.2e} median {np.median(g_rels):.2e} ({len(g_rels)} leaves); "
+              f"finite {finite}", flush=True)
 
 
 if __name__ == "__main__":
