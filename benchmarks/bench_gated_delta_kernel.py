@@ -141,7 +141,8 @@ def breakdown(shape, config, repeats):
             block_k=bk, block_v=pbv, **prec), kp, vp, beta_t, gcum_t, tm, rk)
     hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg, rr: triton_fwd.state_walk(
         kk, ww, uu, gg, None, lo, hi, seg, first, chunk=chunk, num_segments=1, block_v=bv,
-        num_warps=config.walk_warps(dk, bv), num_stages=config.walk_stages(dk, b * h * dv // bv),
+        num_warps=config.walk_warps(dk, bv),
+        num_stages=config.walk_stages(dk, b * h * dv // bv, chunk, bv, jnp.dtype(op).itemsize),
         block_k=bk, rk=rr, **prec),
         kp, w, u, gcum_t, rk)
     timed("chunk_output", lambda *a: triton_fwd.chunk_output(

@@ -3,6 +3,7 @@
 Usage (GPU machine):  python -m benchmarks.bench_layer [--impls xla,pallas] [--projections auto,dense]
                           [--shapes 8x2048,2x8192] [--out benchmarks/results/x.json]
                           [--kernel-configs '{}' '{"ut_kernel": "masked"}'] [--conv-impls pallas,xla]
+                          [--chunk-sizes 64,128]
 Several impls run side by side in one process (same card, same inputs); with --kernel-configs, the
 pallas impl once per kernel configuration (JSON fields of ``pallas_kernels.gated_delta.Config``
 over the defaults); with --conv-impls, the pallas impl once with the short-conv kernel and once
@@ -106,6 +107,8 @@ def main():
     ap.add_argument("--shapes", default="8x2048,2x8192", help="comma list of BxT")
     ap.add_argument("--kernel-configs", nargs="*", default=["{}"],
                     help="JSON Config overrides for impl=pallas, each timed side by side")
+    ap.add_argument("--chunk-sizes", default="64",
+                    help="comma list of the layers' chunk_size (stream chunk and kernel chunk)")
     ap.add_argument("--conv-impls", default="pallas",
                     help="short conv with impl=pallas: comma list of pallas (kernel), xla")
     args = ap.parse_args()
@@ -121,12 +124,15 @@ def main():
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
     d, h, dk = 1024, 4, 256
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    chunk_sizes = [int(v) for v in args.chunk_sizes.split(",")]
     configs = []
     for b, t in shapes:
-        for e in [int(v) for v in args.memories.split(",")]:
-            for proj in args.projections.split(","):
-                configs.append(("MoM", dict(num_memories=e, topk=2, routed_projection=proj), b, t))
-        configs.append(("GatedDeltaNet", {}, b, t))
+        for c in chunk_sizes:
+            for e in [int(v) for v in args.memories.split(",")]:
+                for proj in args.projections.split(","):
+                    configs.append(("MoM", dict(num_memories=e, topk=2, routed_projection=proj,
+                                                chunk_size=c), b, t))
+            configs.append(("GatedDeltaNet", dict(chunk_size=c), b, t))
     if args.quick:
         d, h, dk, configs = 256, 2, 64, [("MoM", dict(num_memories=4, topk=2), 2, 512)]
     impls = args.impls.split(",")
@@ -151,11 +157,11 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             gd_kernels.set_default_config(base_config)
-    print(f"\n| layer | E | proj | B x T | impl | kernel config | conv | fwd ms | fwd+bwd ms | "
-          f"queued |  ({dev.device_kind})")
+    print(f"\n| layer | E | proj | chunk | B x T | impl | kernel config | conv | fwd ms | "
+          f"fwd+bwd ms | queued |  ({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
-              f"| {r['batch']}x{r['seq']} | {r['impl']} | {r.get('kernel_config', '-')} | "
+              f"| {r.get('chunk_size', 64)} | {r['batch']}x{r['seq']} | {r['impl']} | {r.get('kernel_config', '-')} | "
               f"{r.get('conv', 'xla')} | "
               f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_queued_ms']:.2f} |")
     if args.out:

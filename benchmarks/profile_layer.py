@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--impl", default="auto")
     ap.add_argument("--projection", default="auto", choices=MOM_PROJECTIONS,
                     help="MoMLayer routed_projection")
+    ap.add_argument("--chunk-size", type=int, default=64, help="the layers' chunk_size")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--conv", default="pallas", help="short conv: pallas (kernel where the impl "
                     "picks it) or xla")
@@ -145,10 +146,11 @@ def main():
         if name == "mom":
             layer = MoMLayer(d, num_heads=h, head_dim=dk, num_memories=args.memories, topk=2,
                              routed_projection=args.projection, impl=args.impl, dtype=jnp.bfloat16,
-                             rngs=nnx.Rngs(0))
+                             chunk_size=args.chunk_size, rngs=nnx.Rngs(0))
         elif name == "gdn":
             layer = GatedDeltaNetLayer(d, num_heads=h, head_dim=dk, impl=args.impl,
-                                       dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+                                       dtype=jnp.bfloat16, chunk_size=args.chunk_size,
+                                       rngs=nnx.Rngs(0))
         else:
             raise SystemExit(f"--layers: unknown layer {name!r} (mom, gdn)")
         with conv_impl(args.conv):
@@ -167,6 +169,7 @@ def main():
     if args.out:
         write_results(args.out, dev, shape=args.shape, impl=args.impl, projection=args.projection,
                       conv=args.conv, what=args.what, kernel_config=args.kernel_config,
+                      chunk_size=args.chunk_size,
                       results=results)
 
 

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gated_delta import triton_common as tc
+
 F32 = jnp.float32
 
 
@@ -212,7 +214,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, groups: jax.Array, group_rows: in
         Groups >= G are not checked (a caller's bug reads out of bounds).
       group_rows: rows per group entry (the stream's chunk size), a power of two.
       config: tiling (default ``GroupedMatmulConfig()``, the best of the H100 sweep in
-        benchmarks/NOTES.md); float32 runs at most 2 stages.
+        benchmarks/NOTES.md); its stage counts are capped by shared memory (``tile_config``).
     Returns:
       [M, N] in x's dtype, accumulated in float32; differentiable in x and w (dw in w's dtype,
       accumulated in float32 over each group's chunks).  GPU (Triton); interpret mode on CPU.
@@ -246,15 +248,25 @@ def grouped_matmul(x: jax.Array, w: jax.Array, groups: jax.Array, group_rows: in
     return out[:m, :n] if (pad_m or pad_n) else out
 
 
-def tile_config(config: GroupedMatmulConfig, group_rows: int, dtype) -> GroupedMatmulConfig:
-    """The tiling the kernels run: block_m clamped to [group_rows, 2 * group_rows], and at most
-    2 pipelining stages for float32 operands (twice the shared memory of bf16 tiles)."""
-    config = dataclasses.replace(
-        config, block_m=max(group_rows, min(config.block_m, 2 * group_rows)))
-    if jnp.dtype(dtype).itemsize > 2:
-        config = dataclasses.replace(config, num_stages=min(config.num_stages, 2),
-                                     dw_num_stages=min(config.dw_num_stages, 2))
-    return config
+def tile_config(config: GroupedMatmulConfig, group_rows: int, dtype,
+                smem_budget: int | None = None) -> GroupedMatmulConfig:
+    """The tiling the kernels run: block_m clamped to [group_rows, 2 * group_rows], and no more
+    pipelining stages than fit the GPU's shared memory (``smem_budget`` bytes, None: the
+    device's ``tile_smem_budget``) next to the output tile.  A forward / dx stage buffers a
+    [block_m, block_k] and a [block_k, block_n] tile, a dw stage a [group_rows, dw_block_k] and a
+    [group_rows, dw_block_n] tile, in ``dtype``: float32 runs at most 2 stages on an H100, and
+    the dw kernel at group_rows 128 (chunk 128) 2 instead of 4."""
+    size = jnp.dtype(dtype).itemsize
+    bm = max(group_rows, min(config.block_m, 2 * group_rows))
+    budget = tc.tile_smem_budget() if smem_budget is None else smem_budget
+    fwd_stage = (bm * config.block_k + config.block_k * config.block_n) * size
+    dw_stage = group_rows * (config.dw_block_k + config.dw_block_n) * size
+    return dataclasses.replace(
+        config, block_m=bm,
+        num_stages=tc.stages_within_budget(config.num_stages, fwd_stage,
+                                           budget - bm * config.block_n * size),
+        dw_num_stages=tc.stages_within_budget(config.dw_num_stages, dw_stage,
+                                              budget - config.dw_block_k * config.dw_block_n * size))
 
 
 def _padded(dim: int, blocks) -> int:

@@ -76,6 +76,21 @@ def test_chunk_order():
     np.testing.assert_array_equal(starts, [2, 4, 5, 7, 7])
 
 
+def test_stages_fit_shared_memory():
+    """The default tiling's stage counts by shared memory (an H100's 200 KB tile budget): bf16 at
+    chunk 64 keeps 4 stages; the dw kernel's [128, 128] x 2 tiles at chunk 128 (64 KB a stage)
+    get 2 (4 asked the H100 for 295 KB and failed to launch); float32 gets 2."""
+    h100 = 200 * 1024
+    c = gm.tile_config(gm.GroupedMatmulConfig(), 64, jnp.bfloat16, h100)
+    assert (c.block_m, c.num_stages, c.dw_num_stages) == (128, 4, 4)
+    c = gm.tile_config(gm.GroupedMatmulConfig(), 128, jnp.bfloat16, h100)
+    assert (c.block_m, c.num_stages, c.dw_num_stages) == (128, 4, 2)
+    c = gm.tile_config(gm.GroupedMatmulConfig(), 64, jnp.float32, h100)
+    assert (c.num_stages, c.dw_num_stages) == (2, 2)
+    c = gm.tile_config(gm.GroupedMatmulConfig(block_m=16), 16, jnp.bfloat16, h100)
+    assert c.block_m == 16
+
+
 def test_shape_errors():
     x, w, groups, _ = _problem(0, 4, 8, 16, 16, 2)
     with pytest.raises(ValueError, match="groups must be"):

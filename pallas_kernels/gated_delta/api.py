@@ -149,17 +149,24 @@ class Config:
         wide = dk <= 256 and walks * max(dv // 64, 1) >= WALK_MIN_PROGRAMS
         return min(dv, 64 if wide else 32)
 
-    def walk_stages(self, dk: int, programs: int) -> int:
+    def walk_stages(self, dk: int, programs: int, chunk: int = 64, block_v: int = 64,
+                    itemsize: int = 2, smem_budget: int | None = None) -> int:
         """Pipelining stages of the forward state walk: ``num_stages`` if set, else 3 where
         dk <= 128 (three buffered [C, dk] K and W tiles: 96 KB) and the walk has fewer than
         ``WALK_MIN_PROGRAMS`` programs (about one per SM: the deeper pipeline hides the load
-        latency that other programs cannot), else 2.  programs: B * S * H * dv / block_v.
+        latency that other programs cannot), else 2 -- but no more than fit the GPU's shared
+        memory (``triton_common.stages_within_budget``; a stage buffers the chunk's K and W
+        [chunk, dk] and U [chunk, block_v] tiles of ``itemsize`` bytes: one stage at chunk 128,
+        dk 256).  programs: B * S * H * dv / block_v.
         Session 7 (H100, queued forward): 3 stages 1.40 -> 1.27 ms at B2 T16384 H16 dk 128
         (128 programs), 0.63 -> 0.66 ms at B8 T2048 H16 (256 programs); at dk 256 three stages
         would need ~216 KB of shared memory."""
         if self.num_stages is not None:
             return self.num_stages
-        return 3 if dk <= 128 and programs < WALK_MIN_PROGRAMS else 2
+        from pallas_kernels.gated_delta import triton_common  # noqa: PLC0415
+        stages = 3 if dk <= 128 and programs < WALK_MIN_PROGRAMS else 2
+        per_stage = (2 * chunk * dk + chunk * block_v) * itemsize
+        return triton_common.stages_within_budget(stages, per_stage, smem_budget)
 
     def walk_warps(self, dk: int, block_v: int) -> int:
         """Warps of a Triton walk program: ``num_warps`` if set, else 8 where the float32 state
@@ -324,7 +331,8 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,
         num_warps=config.walk_warps(dkp, block_v),
-        num_stages=config.walk_stages(dkp, walks * (dvp // block_v)),
+        num_stages=config.walk_stages(dkp, walks * (dvp // block_v), chunk, block_v,
+                                      jnp.dtype(op_dtype).itemsize),
         block_k=block_k, rk=rk, longest_first=config.longest_first)
     o, rq = triton_fwd.chunk_output(qp, kp, gcum_t, h, v_new, seg, chunk=chunk,
                                     precision=config.precision, interpret=interpret,

@@ -422,17 +422,17 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
 def _bwd_walk_stages(config, chunk: int, dk: int, block_v: int, itemsize: int,
                      smem_budget: int | None = None) -> int:
     """Pipelining stages of the dS walk: ``config.bwd_num_stages`` if set, else
-    ``config.num_stages`` if set, else 2 -- unless its buffered chunk tiles (k, W and q, or k, W
-    and the [dk, BV] Q^T e^G dO tile) would exceed ``smem_budget`` bytes of shared memory (then 1;
-    None: ``tc.tile_smem_budget()`` of the device).  Two stages at dk 256 with bf16 tiles need
-    196 KB: 1 stage on GPUs without that much, 2 on an H100 (session 10: MoM E4 B2 T8192 fwd+bwd
-    10.2 -> 9.4-9.6 ms, B8 T2048 equal, GatedDeltaNet equal or faster)."""
+    ``config.num_stages`` if set, else 2 -- but no more than fit ``smem_budget`` bytes of shared
+    memory with its buffered chunk tiles (k, W and q, or k, W and the [dk, BV] Q^T e^G dO tile;
+    None: ``tc.tile_smem_budget()`` of the device; ``tc.stages_within_budget``).  Two stages at
+    dk 256 with bf16 tiles need 196 KB: 1 stage on GPUs without that much, 2 on an H100 (session
+    10: MoM E4 B2 T8192 fwd+bwd 10.2 -> 9.4-9.6 ms, B8 T2048 equal, GatedDeltaNet equal or
+    faster)."""
     if config.bwd_num_stages is not None:
         return config.bwd_num_stages
     stages = 2 if config.num_stages is None else config.num_stages
     per_stage = (2 * chunk * dk + dk * block_v if config.bwd_qdo else 3 * chunk * dk) * itemsize
-    budget = tc.tile_smem_budget() if smem_budget is None else smem_budget
-    return stages if per_stage * stages <= budget else 1
+    return tc.stages_within_budget(stages, per_stage, smem_budget)
 
 
 def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret,

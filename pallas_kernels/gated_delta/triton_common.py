@@ -64,6 +64,15 @@ def tile_smem_budget() -> int:
     return TILE_SMEM_BUDGET.get(major, DEFAULT_TILE_SMEM_BUDGET)
 
 
+def stages_within_budget(stages: int, per_stage_bytes: int, budget: int | None = None) -> int:
+    """The most pipelining stages, at most ``stages`` and at least 1, whose buffered tiles
+    (``per_stage_bytes`` each) fit ``budget`` bytes of shared memory (None: ``tile_smem_budget``
+    of the device).  With more, Triton asks for more shared memory than the GPU has and the
+    kernel fails to launch (RESOURCE_EXHAUSTED), e.g. at chunk 128 with dk 256."""
+    budget = tile_smem_budget() if budget is None else budget
+    return max(1, min(stages, budget // max(per_stage_bytes, 1)))
+
+
 def triton_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
