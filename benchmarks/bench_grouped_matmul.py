@@ -4,7 +4,7 @@ layer uses by default vs the row-grouped Pallas matmul (``pallas_kernels.grouped
 Usage (GPU machine):  python -m benchmarks.bench_grouped_matmul [--shapes 8x2048,2x8192]
                           [--memories 4,8] [--configs '{}' '{"block_n": 256}'] [--out x.json]
 Per shape and E (top-2, shared memory, chunk 64, D 1024, N = Kd + Vd = 2048, a random routing):
-  dense:   x_rows [B*T+1, D] @ [D, G*N] (G = E + 1), then the stream gather of the (token, memory)
+  dense:   x_rows [R, D] @ [D, G*N] (G = E + 1), then the stream gather of the (token, memory)
            rows (``routing.stream_sources``): what ``MoMLayer`` does with routed_projection="dense";
   grouped: the stream gather of x, then ``grouped_matmul`` with each chunk's memory;
   cublas:  one jnp.dot of the stream [B*L, D] @ [D, N], the same FLOPs as grouped (what the

@@ -145,31 +145,45 @@ def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(flat, rows.reshape(-1), axis=0, mode="clip").reshape(idx.shape + x.shape[2:])
 
 
+TABLE_ROW_MULTIPLE = 16
+
+
+def table_rows(num_tokens: int) -> int:
+    """Rows of a ``token_table`` of num_tokens tokens: the tokens, then at least one zero row, up
+    to a multiple of ``TABLE_ROW_MULTIPLE``.  XLA pads a matmul operand of 16385 rows to 16400
+    for cuBLAS on an H100 (a copy of the table, in both directions: ~0.05 ms of a MoM layer's
+    fwd+bwd, benchmarks/NOTES.md session 14), so the table is made that size in the first place."""
+    return round_up(num_tokens + 1, TABLE_ROW_MULTIPLE)
+
+
 def token_table(x: jax.Array) -> jax.Array:
-    """[B, T, ...] -> [B*T + 1, ...]: every token's row, then one zero row (read by padding slots).
+    """[B, T, ...] -> [table_rows(B*T), ...]: every token's row, then zero rows (padding slots
+    read the first).
 
     The table ``gather_table`` reads per-token features from.  The MoM layer makes it of its
-    input, before the projections (the smallest tensor to copy; a projection of the zero row is
+    input, before the projections (the smallest tensor to copy; a projection of a zero row is
     exactly zero), so that its projections are tables in this layout too.
     """
     flat = x.reshape((-1,) + x.shape[2:])
-    return jnp.concatenate([flat, jnp.zeros((1,) + flat.shape[1:], x.dtype)], axis=0)
+    zeros = jnp.zeros((table_rows(flat.shape[0]) - flat.shape[0],) + flat.shape[1:], x.dtype)
+    return jnp.concatenate([flat, zeros], axis=0)
 
 
 def stream_sources(plan: DispatchPlan, indices: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array]:
     """Where every slot of the stream reads a table of token (or token x memory) rows, and back.
 
-    Two table layouts, both ending in the rows of one all-zero token (what padding slots read):
+    Two table layouts, both ending in the rows of all-zero tokens (``token_table``: R =
+    ``table_rows(B*T)`` token rows; padding slots read the first zero row):
       indices None: per-token rows, row b*T + t (``token_table``: q, a projection every memory
-        shares); zero row B*T.  Each row is read by the k (+1 shared) slots of its token.
+        shares); zero rows from B*T.  Each row is read by the k (+1 shared) slots of its token.
       indices [B, T, k] (the routing choices): per-(token, memory) rows, row (b*T + t)*G + m with
-        G = E (+1 if shared; group E is the shared memory), e.g. an [B*T + 1, D] x [D, G*N]
-        matmul reshaped to [(B*T + 1)*G, N]; zero rows from (B*T)*G.  Each row is read by at most
-        one slot (the slot of (t, m) if t is routed to m).
+        G = E (+1 if shared; group E is the shared memory), e.g. an [R, D] x [D, G*N] matmul
+        reshaped to [R*G, N]; zero rows from (B*T)*G.  Each row is read by at most one slot (the
+        slot of (t, m) if t is routed to m).
     Returns:
       src: int32 [B, L], the table row of each slot (padding slots: the first zero row);
-      inv: int32 [R, m], the flat stream slots (b*L + l) reading each of the R table rows, -1 for
+      inv: int32 [R (*G), m], the flat stream slots (b*L + l) reading each table row, -1 for
         unused entries (the inverse map ``gather_table``'s backward needs).
     """
     b, t, _ = plan.positions.shape
@@ -195,7 +209,8 @@ def stream_sources(plan: DispatchPlan, indices: jax.Array | None = None
     inv = jnp.where(readers >= 0, readers + slot_base.reshape((b,) + (1,) * (readers.ndim - 1)),
                     -1)
     inv = inv.reshape(b * t * groups, -1)
-    inv = jnp.concatenate([inv, jnp.full((groups, inv.shape[1]), -1, inv.dtype)], axis=0)
+    zero_rows = (table_rows(b * t) - b * t) * groups
+    inv = jnp.concatenate([inv, jnp.full((zero_rows, inv.shape[1]), -1, inv.dtype)], axis=0)
     return src, inv.astype(jnp.int32)
 
 

@@ -257,7 +257,7 @@ def test_backwards_have_no_scatter():
     w, idx, plan = plan_for(jax.random.normal(jax.random.PRNGKey(0), (b, t, e)), k, 4, True)
     x = jnp.ones((b, t, 3, 2))
     o = jnp.ones((b, plan.length, 3, 2))
-    table = jnp.ones(((b * t + 1) * (e + 1), 3))
+    table = jnp.ones((routing.table_rows(b * t) * (e + 1), 3))
     cases = [
         (lambda x, plan: routing.dispatch(x, plan), (x, plan)),
         (lambda o, w, plan: routing.combine(o, w, plan), (o, w, plan)),
@@ -322,7 +322,7 @@ def test_stream_sources_and_their_inverse(e, k, shared, per_memory):
     src, inv = routing.stream_sources(plan, idx if per_memory else None)
     src, inv = np.asarray(src), np.asarray(inv)
     groups = e + int(shared) if per_memory else 1
-    assert src.shape == (b, plan.length) and inv.shape[0] == (b * t + 1) * groups
+    assert src.shape == (b, plan.length) and inv.shape[0] == routing.table_rows(b * t) * groups
     tok, seg = np.asarray(plan.slot_token), np.repeat(np.asarray(plan.layout.chunk_segment), c, 1)
     for bb in range(b):
         for slot in range(plan.length):

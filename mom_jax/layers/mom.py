@@ -142,12 +142,12 @@ class MoMLayer(RecurrentMixer):
         b|a [B, L, nb+na], zero in padding (the conv reads the two parts as they are).
 
         xc: [B, T, D] compute dtype; idx: [B, T, k] routing choices.  The projections run on the
-        tokens plus one zero token (``routing.token_table`` layout: [B*T + 1, D]), so every slot,
+        tokens plus zero tokens (``routing.token_table`` layout: [R, D]), so every slot,
         padding included, is a plain row gather (``routing.gather_table``) from the projections.
         """
         dtype = xc.dtype
         kd = self.key_dim
-        x_rows = routing.token_table(xc)                                          # [B*T+1, D]
+        x_rows = routing.token_table(xc)                                          # [R, D]
         token_src, token_inv = routing.stream_sources(plan)
         projection = self._resolved_projection()
         if projection == "ragged":
@@ -159,7 +159,7 @@ class MoMLayer(RecurrentMixer):
             # q and every memory's k|v|b|a in one matmul (``projection_weight``): the backward
             # then reads one cotangent table for both dx and dW (as two matmuls, XLA gathered the
             # stream cotangent twice: +0.3 ms on H100).  With single_kv_proj, k|v|b|a is a
-            # per-token table like q's; else the (token, memory) table [(B*T + 1) * G, N] of
+            # per-token table like q's; else the (token, memory) table [R * G, N] of
             # ``routing.stream_sources`` (G = E memories, then the shared one).
             n = self._kvba_columns()[0]
             table = x_rows @ self.projection_weight(dtype)
@@ -186,7 +186,7 @@ class MoMLayer(RecurrentMixer):
         group (the routed memories, then the shared one).  q and the beta / decay columns stay
         per-token tables (one matmul with [W_q | every memory's b|a], gathered like the dense
         path's; narrow for the gated delta rule, Kd wide per memory for GLA's decay).
-        x_rows: [B*T + 1, D] (``routing.token_table``); token_sources: its
+        x_rows: [R, D] (``routing.token_table``); token_sources: its
         ``routing.stream_sources(plan)``.  Returns ((q, k|v), b|a) as ``_stream_raw``."""
         if ops.resolve_grouped_matmul_impl("pallas") != "pallas":
             raise ValueError(f"routed_projection='grouped' runs a Triton kernel (GPU, or CPU in "
