@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mom_jax.ops.common import PackedLayout, round_up, sum_readers
+from mom_jax.ops.common import PackedLayout, round_up
 
 
 def route(router_logits: jax.Array, topk: int) -> tuple[jax.Array, jax.Array]:
@@ -240,7 +240,15 @@ def _gather_table_fwd(table, src, inv):
 
 
 def _gather_table_bwd(inv, dout):
-    return sum_readers(dout.reshape((-1,) + dout.shape[2:]), inv), None, None
+    r, m = inv.shape
+    extra = dout.shape[2:]
+    flat = dout.reshape((-1,) + extra)
+    picked = jnp.take(flat, jnp.maximum(inv, 0).reshape(-1), axis=0, mode="clip")
+    used = (inv >= 0).reshape((r * m,) + (1,) * len(extra))
+    if m == 1:      # at most one reader per table row: a masked gather, no sum
+        return jnp.where(used, picked, 0).astype(dout.dtype), None, None
+    picked = jnp.where(used, picked.astype(jnp.float32), 0.0).reshape((r, m) + extra)
+    return jnp.sum(picked, axis=1).astype(dout.dtype), None, None
 
 
 gather_table.defvjp(_gather_table_fwd, _gather_table_bwd)

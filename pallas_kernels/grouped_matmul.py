@@ -20,9 +20,6 @@ Kernels (every dot in float32 accumulation, operands in x's dtype):
     grid (K / block_k, N / block_n, G); a program loops over its group's chunks (``chunk_order``:
     the chunks sorted by group, and each group's first entry), one [group_rows, block_k]^T x
     [group_rows, block_n] dot per chunk.
-With ``rows`` x is a table (the layer's per-token x) and both kernels that read it gather its rows
-by index (row loads of the [rows, block_k] tiles); dx then comes out per stream row and is summed
-per table row through the inverse map (``mom_jax.ops.common.sum_readers``).
 
 FLOPs (MoM E4 k2 + shared, B8 T2048, D 1024, N 2048): 2 * 51200 * 1024 * 2048 = 215 GFLOP per
 pass (the dense form over all E + 1 memories: 2 * 16384 * 1024 * 10240 = 344).
@@ -37,7 +34,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mom_jax.ops.common import sum_readers
 from pallas_kernels.gated_delta import triton_common as tc
 
 F32 = jnp.float32
@@ -86,12 +82,9 @@ def _dot(a, b, *, ta=False):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
-def _fwd_kernel(groups_ref, *refs, block_m, block_n, block_k, group_rows, depth, gather):
-    """One [block_m, block_n] output tile: row tile i (grid axis 1), column block j (axis 0).
-    refs: ([rows (this tile's block_m table rows) if gather], x (the tile's rows, or the whole
-    table if gather), w, out)."""
-    rows_ref, (x_ref, w_ref, o_ref) = (refs[0], refs[1:]) if gather else (None, refs)
-    idx = rows_ref[...] if gather else slice(None)
+def _fwd_kernel(groups_ref, x_ref, w_ref, o_ref, *, block_m, block_n, block_k, group_rows,
+                depth):
+    """One [block_m, block_n] output tile: row tile i (grid axis 1), column block j (axis 0)."""
     j, i = pl.program_id(0), pl.program_id(1)
     per_tile = block_m // group_rows
     gids = [groups_ref[i * per_tile + s] for s in range(per_tile)]
@@ -109,7 +102,7 @@ def _fwd_kernel(groups_ref, *refs, block_m, block_n, block_k, group_rows, depth,
     def _():
         def step(kk, acc):
             ks = depth_cols(kk)
-            return acc + _dot(x_ref[idx, ks], w_ref[gids[0], ks, cols])
+            return acc + _dot(x_ref[:, ks], w_ref[gids[0], ks, cols])
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), F32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
@@ -125,7 +118,7 @@ def _fwd_kernel(groups_ref, *refs, block_m, block_n, block_k, group_rows, depth,
 
         def step(kk, acc):
             ks = depth_cols(kk)
-            a = x_ref[idx, ks]
+            a = x_ref[:, ks]
             for s, g in enumerate(gids):
                 a_s = jnp.where((sub == s) & (g >= 0), a, jnp.zeros_like(a))
                 acc = acc + _dot(a_s, w_ref[jnp.maximum(g, 0), ks, cols])
@@ -134,27 +127,23 @@ def _fwd_kernel(groups_ref, *refs, block_m, block_n, block_k, group_rows, depth,
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _fwd_call(x, w, groups, group_rows, config: GroupedMatmulConfig, rows=None):
-    """out [M, N] = x[m] @ w[group of m]; with rows (int32 [M]) x is a table read at x[rows[m]]."""
-    depth, n = x.shape[1], w.shape[2]
-    m = x.shape[0] if rows is None else rows.shape[0]
+def _fwd_call(x, w, groups, group_rows, config: GroupedMatmulConfig):
+    m, depth = x.shape
+    n = w.shape[2]
     bm = config.block_m
     bn = min(config.block_n, n)
     bk = min(config.block_k, depth)
     kernel = functools.partial(_fwd_kernel, block_m=bm, block_n=bn, block_k=bk,
-                               group_rows=group_rows, depth=depth, gather=rows is not None)
-    if rows is None:
-        x_specs, args = [pl.BlockSpec((bm, depth), lambda j, i: (i, 0))], (x,)
-    else:
-        x_specs = [pl.BlockSpec((bm,), lambda j, i: (i,)), _whole(x)]
-        args = (rows, x)
+                               group_rows=group_rows, depth=depth)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         grid=(n // bn, m // bm),
-        in_specs=[_whole(groups), *x_specs, _whole(w)],
+        in_specs=[pl.BlockSpec(groups.shape, lambda j, i: (0,)),
+                  pl.BlockSpec((bm, depth), lambda j, i: (i, 0)),
+                  pl.BlockSpec(w.shape, lambda j, i: (0, 0, 0))],
         out_specs=pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
         compiler_params=_params(config.num_warps, config.num_stages),
-        interpret=_interpret(), name="grouped_matmul")(groups, *args, w)
+        interpret=_interpret(), name="grouped_matmul")(groups, x, w)
 
 
 def chunk_order(groups: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -166,85 +155,64 @@ def chunk_order(groups: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Arra
     return order, below.astype(jnp.int32)
 
 
-def _dw_kernel(order_ref, starts_ref, *refs, block_k, block_n, group_rows, gather):
-    """refs: ([rows int32 [M] if gather], x ([M, K], or the table if gather), dy, dw)."""
-    rows_ref, (x_ref, dy_ref, dw_ref) = (refs[0], refs[1:]) if gather else (None, refs)
+def _dw_kernel(order_ref, starts_ref, x_ref, dy_ref, dw_ref, *, block_k, block_n, group_rows):
     kb, j, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ks = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
     cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
 
     def step(i, acc):
         rows = pl.ds(pl.multiple_of(order_ref[i] * group_rows, group_rows), group_rows)
-        x_rows = rows_ref[rows] if gather else rows
-        return acc + _dot(x_ref[x_rows, ks], dy_ref[rows, cols], ta=True)
+        return acc + _dot(x_ref[rows, ks], dy_ref[rows, cols], ta=True)
     acc = jax.lax.fori_loop(starts_ref[g], starts_ref[g + 1], step,
                             jnp.zeros((block_k, block_n), F32))
     dw_ref[...] = acc.astype(dw_ref.dtype)
 
 
-def _dw_call(x, dy, groups, num_groups, group_rows, config: GroupedMatmulConfig, dtype,
-             rows=None):
-    """dw [G, K, N] = sum over each group's chunks of x[chunk]^T dy[chunk] (x[rows[chunk]] with
-    rows, x then a table)."""
+def _dw_call(x, dy, groups, num_groups, group_rows, config: GroupedMatmulConfig, dtype):
     depth, n = x.shape[1], dy.shape[1]
     bk, bn = min(config.dw_block_k, depth), min(config.dw_block_n, n)
     order, starts = chunk_order(groups, num_groups)
-    kernel = functools.partial(_dw_kernel, block_k=bk, block_n=bn, group_rows=group_rows,
-                               gather=rows is not None)
-    args = (x, dy) if rows is None else (rows, x, dy)
+    kernel = functools.partial(_dw_kernel, block_k=bk, block_n=bn, group_rows=group_rows)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)   # noqa: E731
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((num_groups, depth, n), dtype),
         grid=(depth // bk, n // bn, num_groups),
-        in_specs=[_whole(a) for a in (order, starts, *args)],
+        in_specs=[whole(order), whole(starts), whole(x), whole(dy)],
         out_specs=pl.BlockSpec((None, bk, bn), lambda kb, j, g: (g, kb, j)),
         compiler_params=_params(config.dw_num_warps, config.dw_num_stages),
-        interpret=_interpret(), name="grouped_matmul_dw")(order, starts, *args)
+        interpret=_interpret(), name="grouped_matmul_dw")(order, starts, x, dy)
 
 
-def _whole(a):
-    return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_matmul(x, w, groups, group_rows, config):
+    return _fwd_call(x, w, groups, group_rows, config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _grouped_matmul(x, w, groups, rows, readers, group_rows, config):
-    return _fwd_call(x, w, groups, group_rows, config, rows)
-
-
-def _grouped_matmul_fwd(x, w, groups, rows, readers, group_rows, config):
-    return _fwd_call(x, w, groups, group_rows, config, rows), (x, w, groups, rows, readers)
+def _grouped_matmul_fwd(x, w, groups, group_rows, config):
+    return _fwd_call(x, w, groups, group_rows, config), (x, w, groups)
 
 
 def _grouped_matmul_bwd(group_rows, config, res, dy):
-    x, w, groups, rows, readers = res
+    x, w, groups = res
     dy = dy.astype(x.dtype)
     dx = _fwd_call(dy, jnp.swapaxes(w, 1, 2), groups, group_rows, config)
-    if rows is not None:   # the gathered rows' cotangents summed per table row
-        dx = sum_readers(dx, readers)
-    dw = _dw_call(x, dy, groups, w.shape[0], group_rows, config, w.dtype, rows)
-    return dx, dw, None, None, None
+    dw = _dw_call(x, dy, groups, w.shape[0], group_rows, config, w.dtype)
+    return dx, dw, None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, groups: jax.Array, group_rows: int, *,
-                   rows: jax.Array | None = None, row_readers: jax.Array | None = None,
                    config: GroupedMatmulConfig | None = None) -> jax.Array:
-    """out[m] = x[m] @ w[groups[m // group_rows]] (zero rows where that group is < 0), or with
-    ``rows`` out[m] = x[rows[m]] @ w[...]: the kernels read a table's rows by index, so the MoM
-    layer's stream of x (one row per slot, ~3x the tokens) is never written.
+    """out[m] = x[m] @ w[groups[m // group_rows]] (zero rows where that group is < 0).
 
     Args:
-      x: [M, K] bf16 or float32; M a multiple of group_rows.  With rows: a table [R, K].
+      x: [M, K] bf16 or float32; M a multiple of group_rows.
       w: [G, K, N] in x's dtype (cast by the caller).
       groups: int [M // group_rows], the group of each run of group_rows rows (< 0: none).
         Groups >= G are not checked (a caller's bug reads out of bounds).
       group_rows: rows per group entry (the stream's chunk size), a power of two.
-      rows: None, or int [M] rows of the table x in [0, R) (not checked; rows of a group < 0
-        are not read).
-      row_readers: with rows, int32 [R, m], the m that read each table row (-1: unused), i.e.
-        m appears in row_readers[r] exactly when rows[m] == r (``routing.stream_sources``' inverse
-        map); the backward sums the rows' cotangents through it (``sum_readers``: a gather).
       config: tiling (default ``GroupedMatmulConfig()``, the best of the H100 sweep in
         benchmarks/NOTES.md); its stage counts are capped by shared memory (``tile_config``).
     Returns:
@@ -256,40 +224,27 @@ def grouped_matmul(x: jax.Array, w: jax.Array, groups: jax.Array, group_rows: in
                          f"w {w.shape}")
     if w.dtype != x.dtype:
         raise ValueError(f"grouped_matmul: w dtype {w.dtype} differs from x dtype {x.dtype}")
-    if (rows is None) != (row_readers is None):
-        raise ValueError("grouped_matmul: rows and row_readers go together (the backward needs "
-                         "the inverse map)")
-    if rows is not None and (rows.ndim != 1 or row_readers.ndim != 2
-                             or row_readers.shape[0] != x.shape[0]):
-        raise ValueError(f"grouped_matmul: need rows [M] and row_readers [R, m] for a table x "
-                         f"[R, K] = {list(x.shape)}, got rows {list(rows.shape)}, row_readers "
-                         f"{list(row_readers.shape)}")
-    m = x.shape[0] if rows is None else rows.shape[0]
-    if group_rows < 1 or group_rows & (group_rows - 1) or m % group_rows:
+    if group_rows < 1 or group_rows & (group_rows - 1) or x.shape[0] % group_rows:
         raise ValueError(f"grouped_matmul: group_rows must be a power of two dividing M = "
-                         f"{m}, got {group_rows}")
-    if groups.shape != (m // group_rows,):
+                         f"{x.shape[0]}, got {group_rows}")
+    if groups.shape != (x.shape[0] // group_rows,):
         raise ValueError(f"grouped_matmul: groups must be [M // group_rows] = "
-                         f"[{m // group_rows}], got {list(groups.shape)}")
+                         f"[{x.shape[0] // group_rows}], got {list(groups.shape)}")
     config = tile_config(config or GroupedMatmulConfig(), group_rows, x.dtype)
-    depth, n = x.shape[1], w.shape[2]
+    m, depth = x.shape
+    n = w.shape[2]
     blocks = (config.block_n, config.block_k, config.dw_block_k, config.dw_block_n)
     pad_m = -m % config.block_m
     pad_k = _padded(depth, blocks) - depth
     pad_n = _padded(n, blocks) - n
     groups = groups.astype(jnp.int32)
-    if rows is not None:
-        rows, row_readers = rows.astype(jnp.int32), row_readers.astype(jnp.int32)
     if pad_m:   # whole tiles: rows of no group after the stream
-        if rows is None:
-            x = jnp.pad(x, ((0, pad_m), (0, 0)))
-        else:
-            rows = jnp.pad(rows, (0, pad_m))
+        x = jnp.pad(x, ((0, pad_m), (0, 0)))
         groups = jnp.pad(groups, (0, pad_m // group_rows), constant_values=-1)
     if pad_k or pad_n:
         x = jnp.pad(x, ((0, 0), (0, pad_k)))
         w = jnp.pad(w, ((0, 0), (0, pad_k), (0, pad_n)))
-    out = _grouped_matmul(x, w, groups, rows, row_readers, group_rows, config)
+    out = _grouped_matmul(x, w, groups, group_rows, config)
     return out[:m, :n] if (pad_m or pad_n) else out
 
 

@@ -59,38 +59,6 @@ def test_values_and_gradients_match_numpy(chunks, rows, k, n, g, config):
     assert out.dtype == x.dtype and dw.dtype == w.dtype
 
 
-@pytest.mark.parametrize("chunks,rows,config", [
-    (12, 8, SMALL),                       # one group per tile
-    (11, 4, SMALL),                       # tiles of 2 groups, ragged M (padded index rows)
-])
-def test_table_rows_match_numpy(chunks, rows, config):
-    """With rows / row_readers the kernels read x as a table by row index: out[m] =
-    table[idx[m]] @ w[g]; d table[r] = sum of the d x-rows of the m that read r (some table rows
-    are read by several m, some by none); dw as for the gathered x."""
-    k, n, g, table_rows = 40, 24, 3, 17
-    _, w, groups, dy = _problem(2, chunks, rows, k, n, g)
-    table = jax.random.normal(jax.random.PRNGKey(7), (table_rows, k), jnp.float32)
-    idx = jax.random.randint(jax.random.PRNGKey(8), (chunks * rows,), 0, table_rows - 2)
-    readers = np.full((table_rows, chunks * rows), -1, np.int32)
-    for m, r in enumerate(np.asarray(idx)):
-        readers[r, m] = m
-    out, vjp = jax.vjp(lambda t, w: gm.grouped_matmul(
-        t, w, groups, rows, rows=idx, row_readers=jnp.asarray(readers), config=config), table, w)
-    dtable, dw = vjp(dy)
-    x = table[idx]
-    ref_out, ref_dx, ref_dw = _numpy(x, w, groups, dy, rows)
-    ref_dtable = np.zeros((table_rows, k))
-    np.add.at(ref_dtable, np.asarray(idx), ref_dx)
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dtable, ref_dtable, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-4)
-    assert float(jnp.max(jnp.abs(dtable[-2:]))) == 0.0         # rows nobody reads
-    with pytest.raises(ValueError, match="go together"):
-        gm.grouped_matmul(table, w, groups, rows, rows=idx)
-    with pytest.raises(ValueError, match="row_readers"):
-        gm.grouped_matmul(table, w, groups, rows, rows=idx, row_readers=jnp.asarray(readers[1:]))
-
-
 def test_bfloat16_within_rounding_of_float32():
     x, w, groups, dy = _problem(1, 8, 8, 32, 32, 3, jnp.bfloat16)
     out, vjp = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, groups, 8, config=SMALL), x, w)
@@ -146,23 +114,8 @@ def test_kernels_lower_for_cuda(monkeypatch):
     def loss(x, w, groups):
         return jnp.sum(gm.grouped_matmul(x, w, groups, 64).astype(jnp.float32))
 
-    def table_loss(x, w, groups, rows, readers):
-        return jnp.sum(gm.grouped_matmul(x, w, groups, 64, rows=rows,
-                                         row_readers=readers).astype(jnp.float32))
-
     with jax.sharding.use_abstract_mesh(abstract_mesh()):
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(
             *args, sds((800,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-        table_args = (sds((16400, 1024), jnp.bfloat16), args[1], sds((800,), jnp.int32),
-                      sds((51200,), jnp.int32), sds((16400, 3), jnp.int32))
-        table_text = jax.jit(jax.grad(table_loss, argnums=(0, 1))).trace(
-            *table_args).lower(lowering_platforms=("cuda",)).as_text()
-        table_fwd = jax.jit(table_loss).trace(*table_args).lower(
-            lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
     assert "grouped_matmul_dw" in text
-    # the table form (the MoM layer's): the same three kernels; the forward makes no
-    # [51200, 1024] stream of x (the kernel reads the table's rows by index)
-    assert table_text.count("__gpu$xla.gpu.triton") == 3
-    assert table_fwd.count("__gpu$xla.gpu.triton") == 1
-    assert "51200x1024" not in table_fwd

@@ -181,9 +181,9 @@ class MoMLayer(RecurrentMixer):
 
     def _grouped_raw(self, x_rows, idx, plan: routing.DispatchPlan, token_sources):
         """``_stream_raw`` with routed_projection="grouped": the k|v part of every slot is its
-        token's row of x times its memory's k|v weight, computed for the stream's slots (the
-        kernels read ``x_rows`` through each slot's token row) by
-        ``pallas_kernels.grouped_matmul`` with each chunk's segment as the group (the routed memories, then the shared one).  q and the beta / decay columns stay
+        token's row of x times its memory's k|v weight, computed on the stream (``x_rows``
+        gathered into it) by ``pallas_kernels.grouped_matmul`` with each chunk's segment as the
+        group (the routed memories, then the shared one).  q and the beta / decay columns stay
         per-token tables (one matmul with [W_q | every memory's b|a], gathered like the dense
         path's; narrow for the gated delta rule, Kd wide per memory for GLA's decay).
         x_rows: [R, D] (``routing.token_table``); token_sources: its
@@ -208,10 +208,9 @@ class MoMLayer(RecurrentMixer):
         extra = (routing.gather_table(extra_table.reshape(-1, nx),
                                       *routing.stream_sources(plan, idx)) if nx
                  else jnp.zeros((b, length, 0), dtype))
-        # x is read by the kernels through the slots' token rows: no [B*L, D] stream of x.
-        kv = grouped_matmul(x_rows, w_mem[:, :, :nkv], plan.layout.chunk_segment.reshape(-1),
-                            self.chunk_size, rows=token_sources[0].reshape(-1),
-                            row_readers=token_sources[1])
+        xs = routing.gather_table(x_rows, *token_sources).reshape(b * length, d)
+        kv = grouped_matmul(xs, w_mem[:, :, :nkv], plan.layout.chunk_segment.reshape(-1),
+                            self.chunk_size)
         return (q, kv.reshape(b, length, nkv)), extra
 
     def _ragged_raw(self, x, idx, plan: routing.DispatchPlan):

@@ -112,26 +112,6 @@ def round_up(n, multiple: int):
     return (n + multiple - 1) // multiple * multiple
 
 
-def sum_readers(rows: jax.Array, readers: jax.Array) -> jax.Array:
-    """out[r] = sum_i rows[readers[r, i]] over the entries >= 0: the cotangent of a row gather
-    ``rows = table[src]`` from its inverse map, as a gather (no scatter-add).
-
-    Args:
-      rows: [M, ...] any float dtype (the gathered rows' cotangents).
-      readers: int32 [R, m], the rows of ``rows`` that read table row r, -1 for unused entries.
-    Returns:
-      [R, ...] in rows.dtype; summed in float32 where m > 1 (m = 1: a masked gather, no sum).
-    """
-    r, m = readers.shape
-    extra = rows.shape[1:]
-    picked = jnp.take(rows, jnp.maximum(readers, 0).reshape(-1), axis=0, mode="clip")
-    used = (readers >= 0).reshape((r * m,) + (1,) * len(extra))
-    if m == 1:
-        return jnp.where(used, picked, 0).astype(rows.dtype)
-    picked = jnp.where(used, picked.astype(jnp.float32), 0.0).reshape((r, m) + extra)
-    return jnp.sum(picked, axis=1).astype(rows.dtype)
-
-
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
