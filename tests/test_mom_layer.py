@@ -207,6 +207,20 @@ def test_router_logits_returned():
     np.testing.assert_allclose(logits, x @ layer.gate[...], rtol=1e-5, atol=1e-6)
 
 
+def test_router_logits_ask_for_full_float32_precision():
+    """The router's dot (forward and decode step) asks for HIGHEST precision: the default f32
+    matmul is TF32 on a GPU and bf16 on a TPU, which flips near-tie routing choices.  Checked on
+    the lowered program (a CPU computes f32 either way)."""
+    layer = make_layer()
+    e = layer.num_memories
+    for fn, x in ((lambda x: layer(x), jnp.ones((B, T, D), jnp.bfloat16)),
+                  (lambda x: layer.step(x, layer.init_cache(B)), jnp.ones((B, D), jnp.bfloat16))):
+        text = jax.jit(fn).lower(x).as_text()
+        router = [ln for ln in text.splitlines()
+                  if "dot_general" in ln and f"x{D}xf32>, tensor<{D}x{e}xf32>" in ln]
+        assert router and all("precision = [HIGHEST, HIGHEST]" in ln for ln in router), router
+
+
 # ------------------------------------------------------------------------------------------------
 # decoding
 # ------------------------------------------------------------------------------------------------
