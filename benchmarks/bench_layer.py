@@ -161,8 +161,8 @@ def main():
           f"fwd+bwd ms | queued |  ({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
-              f"| {r.get('chunk_size', 64)} | {r['batch']}x{r['seq']} | {r['impl']} | {r.get('kernel_config', '-')} | "
-              f"{r.get('conv', 'xla')} | "
+              f"| {r.get('chunk_size', 64)} | {r['batch']}x{r['seq']} | {r['impl']} | "
+              f"{r.get('kernel_config', '-')} | {r.get('conv', 'xla')} | "
               f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_queued_ms']:.2f} |")
     if args.out:
         write_results(args.out, dev.device_kind, rows=rows)

@@ -261,12 +261,11 @@ def tile_config(config: GroupedMatmulConfig, group_rows: int, dtype,
     budget = tc.tile_smem_budget() if smem_budget is None else smem_budget
     fwd_stage = (bm * config.block_k + config.block_k * config.block_n) * size
     dw_stage = group_rows * (config.dw_block_k + config.dw_block_n) * size
+    fwd_out, dw_out = bm * config.block_n * size, config.dw_block_k * config.dw_block_n * size
     return dataclasses.replace(
         config, block_m=bm,
-        num_stages=tc.stages_within_budget(config.num_stages, fwd_stage,
-                                           budget - bm * config.block_n * size),
-        dw_num_stages=tc.stages_within_budget(config.dw_num_stages, dw_stage,
-                                              budget - config.dw_block_k * config.dw_block_n * size))
+        num_stages=tc.stages_within_budget(config.num_stages, fwd_stage, budget - fwd_out),
+        dw_num_stages=tc.stages_within_budget(config.dw_num_stages, dw_stage, budget - dw_out))
 
 
 def _padded(dim: int, blocks) -> int:

@@ -286,7 +286,7 @@ def test_ut_kernel_config():
     assert triton_bwd._bwd_walk_stages(auto, 128, 256, 64, 2, smem_budget=h100) == 1   # 196 KB
     assert triton_bwd._bwd_walk_stages(gd_api.Config(num_stages=4), 64, 256, 64, 2,
                                        smem_budget=h100) == 2    # 4 asked, 2 fit (96 KB each)
-    # the forward walk too: one stage of K, W [128, 256] and U [128, 64] bf16 tiles (160 KB) at
+    # the forward walk too: one stage of K, W [128, 256] and U [128, 64] bf16 tiles (144 KB) at
     # chunk 128, dk 256 (two asked the H100 for 295 KB and failed to launch)
     assert auto.walk_stages(256, 640, chunk=64, block_v=64, smem_budget=h100) == 2
     assert auto.walk_stages(256, 640, chunk=128, block_v=64, smem_budget=h100) == 1
