@@ -151,7 +151,7 @@ def main():
                 with conv_impl(conv):
                     res = bench_layer(layer, b, t, d, args.repeats)
                 row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=impl,
-                           **kw, **res)
+                           **{"chunk_size": layer.chunk_size, **kw}, **res)
                 if impl == "pallas":
                     row.update(kernel_config=json.dumps(kc), conv=conv)
                 rows.append(row)
@@ -161,7 +161,7 @@ def main():
           f"fwd+bwd ms | queued |  ({dev.device_kind})")
     for r in rows:
         print(f"| {r['layer']} | {r.get('num_memories', '-')} | {r.get('routed_projection', '-')} "
-              f"| {r.get('chunk_size', 64)} | {r['batch']}x{r['seq']} | {r['impl']} | "
+              f"| {r['chunk_size']} | {r['batch']}x{r['seq']} | {r['impl']} | "
               f"{r.get('kernel_config', '-')} | {r.get('conv', 'xla')} | "
               f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_queued_ms']:.2f} |")
     if args.out:
