@@ -23,8 +23,10 @@ Kernels (grid over row x time block x channel block; every load a [block_l, bloc
             the part's cotangent; for a normalised part dy goes through the norm's Jacobian
             first, from the recomputed tile), stored in x's dtype; then for each shift s the
             tile of dacc at rows t+s (masked by the segment restarts):
-            dx[t] = sum_s w[W-1-s] dacc[t+s]; the weight gradient leaves as per-tile partial
-            sums sum_t x[t] dacc[t+s], [B, L / block_l, W, C] float32, summed in XLA.
+            dx[t] = sum_s w[W-1-s] dacc[t+s]; each program walks ``dx_group`` row tiles
+            (default up to four) and the weight gradient leaves as one partial sum
+            sum_t x[t] dacc[t+s] per program, [B, L / (block_l * group), W, C] float32,
+            summed in XLA.
 Every pass is bound by HBM traffic (on an H100 the forward at the MoM stream's size, 315 MB in and
 out, takes 1.1-1.2x an XLA elementwise copy of x); benchmarks/NOTES_kernels.md has the sweep and
 the one-pass backward that lost.
@@ -52,16 +54,29 @@ class ConvConfig:
     """Tiling of the short-conv kernels (hashable; powers of two).
 
     block_l, block_c: time steps and channels of one tile (one program).  num_warps: per program.
+    dx_tiles: row tiles one program of the dx / weight-gradient pass walks (the largest divisor
+      of the stream's tile count up to it, ``dx_group``); the weight gradient's column sums then
+      run once per walk instead of once per tile.  H100, the MoM stream's conv fwd+bwd queued:
+      1 / 4 / 10 tiles 1.955 / 1.997 / 1.983 ms (before session 15: 2.11); the layer A/B ran
+      with 4 (benchmarks/NOTES.md session 15).
     """
     block_l: int = 64
     block_c: int = 64
     num_warps: int = 4
+    dx_tiles: int = 4
 
     def __post_init__(self):
         for name in ("block_l", "block_c", "num_warps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"ConvConfig.{name} must be a power of two, got {v!r}")
+        if isinstance(self.dx_tiles, bool) or not isinstance(self.dx_tiles, int) or self.dx_tiles < 1:
+            raise ValueError(f"ConvConfig.dx_tiles must be a positive integer, got {self.dx_tiles!r}")
+
+    def dx_group(self, n_tiles: int) -> int:
+        """Row tiles per program of the dx pass over ``n_tiles`` tiles: the largest divisor of
+        n_tiles that is at most dx_tiles (every program walks the same number)."""
+        return max(g for g in range(1, min(self.dx_tiles, n_tiles) + 1) if n_tiles % g == 0)
 
 
 def _silu_and_grad(acc):
@@ -174,37 +189,50 @@ def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_par
         _branch(cond, _)
 
 
-def _bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts):
-    """Backward tile from dacc (the cotangent of the pre-activation): dx[t] = sum_s tap_s *
-    dacc[t+s] where the output at t+s reads x[t] (rank[t+s] >= s), and per-tile partial sums of
-    the weight gradient sum_t x[t] dacc[t+s] (masked alike).  refs: the n_in input parts, rank,
-    weight, dacc, then one dx per input part (this program's tile with one part), dw."""
+def _bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts, group):
+    """Backward from dacc (the cotangent of the pre-activation) over ``group`` consecutive row
+    tiles (program (b, j, c): tiles j*group ... j*group + group - 1 of channel block c): per tile
+    dx[t] = sum_s tap_s * dacc[t+s] where the output at t+s reads x[t] (rank[t+s] >= s); the
+    weight gradient's products x[t] * dacc[t+s] (masked alike) summed elementwise over the tiles,
+    then over rows once: one partial sum per program.  refs: the n_in input parts, rank, weight,
+    dacc, then one dx per input part, dw [B, tiles / group, W, C] float32 (whole arrays).
+
+    Per tile every load comes first (x, then the shifted dacc tiles), then dx's store; the column
+    sums after the walk.  The order matters on an H100 (MoM stream, conv fwd+bwd queued, walks
+    of 4 tiles): this one 2.00 ms, x loaded after dx's store 2.24, the pre-session-15 kernel
+    (one tile, x loaded after dx's arithmetic, the sums before dx's store) 2.11 (NOTES.md
+    session 15)."""
     x_refs, (rank_ref, w_ref, dacc_ref) = refs[:n_in], refs[n_in:n_in + 3]
     dx_refs, dw_ref = refs[n_in + 3:2 * n_in + 3], refs[2 * n_in + 3]
     b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = j * block_l + jnp.arange(block_l)
     cols = pl.ds(c * block_c, block_c)
     taps = _taps(w_ref, cols, width)
-    daccs = []
-    for s in range(width):
-        out_rows = rows + s
-        rank = rank_ref[b, jnp.minimum(out_rows, length - 1)]
-        keep = ((out_rows < length) & (rank >= s))[:, None]
-        daccs.append(jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0))
-    dx = daccs[0] * taps[0]
-    for s in range(1, width):
-        dx = dx + daccs[s] * taps[s]
     all_channels = ((0, w_ref.shape[1]),)     # one output: dx goes to the input's own part
     for i, in_block, _o, _ob, cond in _part_pairs(c, block_c, in_parts, all_channels):
         def _(i=i, in_block=in_block):
             in_cols = pl.ds(in_block * block_c, block_c)
-            x0 = _tile(x_refs[i], b, rows, in_cols, length)
+
+            def tile(t, sums):
+                first = (j * group + t) * block_l
+                rows = first + jnp.arange(block_l)
+                tile_rows = pl.ds(first, block_l)
+                x0 = x_refs[i][b, tile_rows, in_cols].astype(F32)
+                daccs = []
+                for s in range(width):
+                    out_rows = rows + s
+                    rank = rank_ref[b, jnp.minimum(out_rows, length - 1)]
+                    keep = ((out_rows < length) & (rank >= s))[:, None]
+                    daccs.append(jnp.where(keep, _tile(dacc_ref, b, out_rows, cols, length), 0.0))
+                dx = daccs[0] * taps[0]
+                for s in range(1, width):
+                    dx = dx + daccs[s] * taps[s]
+                dx_refs[i][b, tile_rows, in_cols] = dx.astype(dx_refs[i].dtype)
+                return tuple(acc + d * x0 for acc, d in zip(sums, daccs))
+
+            zero = jnp.zeros((block_l, block_c), F32)
+            sums = jax.lax.fori_loop(0, group, tile, (zero,) * width)
             for s in range(width):
-                dw_ref[b, j, width - 1 - s, cols] = jnp.sum(daccs[s] * x0, axis=0)
-            if n_in == 1:
-                dx_refs[0][...] = dx.astype(dx_refs[0].dtype)
-            else:
-                dx_refs[i][b, pl.ds(j * block_l, block_l), in_cols] = dx.astype(dx_refs[i].dtype)
+                dw_ref[b, j, width - 1 - s, cols] = jnp.sum(sums[s], axis=0)
         _branch(cond, _)
 
 
@@ -266,21 +294,22 @@ def _bwd_call(xs, rank, weight, dys, activation, configs, parts):
     (tiles of the dacc pass, tiles of the dx / dweight pass)."""
     (b, l, _), (width, c) = xs[0].shape, weight.shape
     feature_config, config = configs
-    n_blocks = l // config.block_l
+    n_tiles = l // config.block_l
+    group = config.dx_group(n_tiles)
     if activation:
         dacc = _fwd_call(xs, rank, weight, activation, feature_config, parts, dys=dys)
     else:
         dacc = dys[0] if len(dys) == 1 else jnp.concatenate(dys, axis=-1)
     kernel = functools.partial(_bwd_kernel, n_in=len(xs), width=width, block_l=config.block_l,
-                               block_c=config.block_c, length=l, in_parts=_in_parts(xs))
-    dw_shape = jax.ShapeDtypeStruct((b, n_blocks, width, c), F32)
+                               block_c=config.block_c, length=l, in_parts=_in_parts(xs),
+                               group=group)
+    dw_shape = jax.ShapeDtypeStruct((b, n_tiles // group, width, c), F32)
     dx_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
-    dx_specs = [_tiles(config)] if len(xs) == 1 else [_whole(d) for d in dx_shapes]
     *dxs, dw_parts = pl.pallas_call(
         kernel, out_shape=(*dx_shapes, dw_shape),
-        grid=(b, n_blocks, c // config.block_c),
+        grid=(b, n_tiles // group, c // config.block_c),
         in_specs=[_whole(x) for x in xs] + [_whole(rank), _whole(weight), _whole(dacc)],
-        out_specs=(*dx_specs, _whole(dw_shape)),
+        out_specs=(*[_whole(d) for d in dx_shapes], _whole(dw_shape)),
         compiler_params=_params(config), interpret=_interpret(),
         name="short_conv_bwd")(*xs, rank, weight, dacc)
     return tuple(dxs), jnp.sum(dw_parts, axis=(0, 1))

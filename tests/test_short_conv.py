@@ -272,3 +272,23 @@ def test_input_parts_lower_for_cuda(monkeypatch):
             *args, sds((2, 6400), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
     assert "concatenate" not in text
+
+
+def test_dx_pass_walks_groups_of_row_tiles():
+    """``ConvConfig.dx_tiles``: each dx-pass program walks ``dx_group`` row tiles (a divisor of
+    the tile count) and sums the weight gradient over them; dx and dweight equal XLA autodiff for
+    walks of 1, 2, 3 and 4 tiles, and the group is the largest divisor within dx_tiles."""
+    cfg = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=4)
+    assert [cfg.dx_group(n) for n in (1, 2, 3, 4, 6, 7, 9, 12, 100)] == [1, 2, 3, 4, 3, 1, 3, 4, 4]
+    with pytest.raises(ValueError, match="dx_tiles"):
+        sc.ConvConfig(dx_tiles=0)
+    b, c, w = 2, 64, 4
+    for l, dx_tiles in ((192, 4), (192, 3), (192, 2), (112, 4)):   # 12 tiles: walks of 4, 3, 2; 7: 1
+        config = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=dx_tiles)
+        x, weight, rank, dy = _stream(13, b, l, c, w, p_start=0.1)
+        out_ref, vjp_ref = jax.vjp(
+            lambda x, wt: lc.short_conv_packed(x, wt, rank, impl="xla"), x, weight)
+        out, vjp = jax.vjp(lambda x, wt: sc.short_conv(x, wt, rank, config=config), x, weight)
+        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(vjp(dy), vjp_ref(dy)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
