@@ -51,7 +51,7 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class ConvConfig:
-    """Tiling of the short-conv kernels (hashable; powers of two).
+    """Tiling of the short-conv kernels (hashable; tiles and warps are powers of two).
 
     block_l, block_c: time steps and channels of one tile (one program).  num_warps: per program.
     dx_tiles: row tiles one program of the dx / weight-gradient pass walks (the largest divisor
@@ -70,8 +70,9 @@ class ConvConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"ConvConfig.{name} must be a power of two, got {v!r}")
-        if isinstance(self.dx_tiles, bool) or not isinstance(self.dx_tiles, int) or self.dx_tiles < 1:
-            raise ValueError(f"ConvConfig.dx_tiles must be a positive integer, got {self.dx_tiles!r}")
+        tiles = self.dx_tiles
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+            raise ValueError(f"ConvConfig.dx_tiles must be a positive integer, got {tiles!r}")
 
     def dx_group(self, n_tiles: int) -> int:
         """Row tiles per program of the dx pass over ``n_tiles`` tiles: the largest divisor of

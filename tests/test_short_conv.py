@@ -283,7 +283,8 @@ def test_dx_pass_walks_groups_of_row_tiles():
     with pytest.raises(ValueError, match="dx_tiles"):
         sc.ConvConfig(dx_tiles=0)
     b, c, w = 2, 64, 4
-    for l, dx_tiles in ((192, 4), (192, 3), (192, 2), (112, 4)):   # 12 tiles: walks of 4, 3, 2; 7: 1
+    # 12 tiles of 16 rows: walks of 4, 3 and 2 tiles; 7 tiles: walks of one
+    for l, dx_tiles in ((192, 4), (192, 3), (192, 2), (112, 4)):
         config = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=dx_tiles)
         x, weight, rank, dy = _stream(13, b, l, c, w, p_start=0.1)
         out_ref, vjp_ref = jax.vjp(
