@@ -58,6 +58,11 @@ def test_forward_matches_token_loop(b, l, c, w, activation):
     (2, 100, 40, 4, True, SMALL),
     (2, 96, 64, 3, False, SMALL),
     (1, 128, 64, 4, True, sc.ConvConfig(block_l=32, block_c=64)),
+    # dx pass walking several row tiles (ConvConfig.dx_tiles): 12 tiles of 16 rows in walks of
+    # 4, 3, 2 (SMALL's 7 tiles above: walks of one)
+    (2, 192, 64, 4, True, sc.ConvConfig(block_l=16, block_c=32, dx_tiles=4)),
+    (2, 192, 64, 4, True, sc.ConvConfig(block_l=16, block_c=32, dx_tiles=3)),
+    (2, 192, 64, 4, True, sc.ConvConfig(block_l=16, block_c=32, dx_tiles=2)),
 ])
 def test_gradients_match_xla_autodiff(b, l, c, w, activation, config):
     x, weight, rank, dy = _stream(1, b, l, c, w, p_start=0.3)
@@ -274,22 +279,10 @@ def test_input_parts_lower_for_cuda(monkeypatch):
     assert "concatenate" not in text
 
 
-def test_dx_pass_walks_groups_of_row_tiles():
-    """``ConvConfig.dx_tiles``: each dx-pass program walks ``dx_group`` row tiles (a divisor of
-    the tile count) and sums the weight gradient over them; dx and dweight equal XLA autodiff for
-    walks of 1, 2, 3 and 4 tiles, and the group is the largest divisor within dx_tiles."""
+
+def test_dx_group_is_the_largest_divisor_within_dx_tiles():
+    """``ConvConfig.dx_group``: the row tiles one dx-pass program walks divide the tile count."""
     cfg = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=4)
     assert [cfg.dx_group(n) for n in (1, 2, 3, 4, 6, 7, 9, 12, 100)] == [1, 2, 3, 4, 3, 1, 3, 4, 4]
     with pytest.raises(ValueError, match="dx_tiles"):
         sc.ConvConfig(dx_tiles=0)
-    b, c, w = 2, 64, 4
-    # 12 tiles of 16 rows: walks of 4, 3 and 2 tiles; 7 tiles: walks of one
-    for l, dx_tiles in ((192, 4), (192, 3), (192, 2), (112, 4)):
-        config = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=dx_tiles)
-        x, weight, rank, dy = _stream(13, b, l, c, w, p_start=0.1)
-        out_ref, vjp_ref = jax.vjp(
-            lambda x, wt: lc.short_conv_packed(x, wt, rank, impl="xla"), x, weight)
-        out, vjp = jax.vjp(lambda x, wt: sc.short_conv(x, wt, rank, config=config), x, weight)
-        np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
-        for got, want in zip(vjp(dy), vjp_ref(dy)):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
