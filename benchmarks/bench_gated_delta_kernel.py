@@ -124,7 +124,8 @@ def breakdown(shape, config, repeats):
         return f(*args)
 
     ut = dict(ut_precision=config.ut_precision, num_warps=config.ut_warps(), block_k=bk,
-              block_v=pbv, kernel=config.ut_kernel, wu_num_warps=config.par_num_warps, **prec)
+              block_v=pbv, kernel=config.ut_kernel, wu_num_warps=config.par_num_warps,
+              num_stages=config.par_stages("ut"), **prec)
     tm, w, u, rk = timed("ut_transform", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
         kk, vv, bb, gg, chunk, l2norm=True, **ut), kp, vp, beta_t, gcum_t)
     timed("ut_transform_no_t", lambda kk, vv, bb, gg: triton_fwd.ut_transform(
@@ -132,13 +133,15 @@ def breakdown(shape, config, repeats):
     if config.ut_kernel == "split":  # its three launches alone (not part of the sums)
         a, _ = timed("ut_gram", lambda kk, bb, gg: triton_fwd.ut_gram(
             kk, bb, gg, chunk, num_warps=config.par_num_warps, ut_precision=config.ut_precision,
-            block_k=bk, interpret=interp, l2norm=True), kp, beta_t, gcum_t)
+            block_k=bk, interpret=interp, l2norm=True, num_stages=config.par_stages("ut")),
+            kp, beta_t, gcum_t)
         timed("ut_inverse", lambda aa: triton_fwd.ut_inverse(
             aa, chunk, t_dtype=op, num_warps=config.ut_warps(),
             ut_precision=config.ut_precision, interpret=interp), a)
         timed("ut_apply", lambda kk, vv, bb, gg, tt, rr: triton_fwd.ut_apply(
             kk, vv, bb, gg, tt, chunk, rk=rr, u_dtype=op, num_warps=config.par_num_warps,
-            block_k=bk, block_v=pbv, **prec), kp, vp, beta_t, gcum_t, tm, rk)
+            block_k=bk, block_v=pbv, num_stages=config.par_stages("ut"), **prec),
+            kp, vp, beta_t, gcum_t, tm, rk)
     hs, v_new, _ = timed("state_walk", lambda kk, ww, uu, gg, rr: triton_fwd.state_walk(
         kk, ww, uu, gg, None, lo, hi, seg, first, chunk=chunk, num_segments=1, block_v=bv,
         num_warps=config.walk_warps(dk, bv),
@@ -146,10 +149,12 @@ def breakdown(shape, config, repeats):
         block_k=bk, rk=rr, **prec),
         kp, w, u, gcum_t, rk)
     timed("chunk_output", lambda *a: triton_fwd.chunk_output(
-        *a[:5], seg, rk=a[5], q_scale=dk ** -0.5, **par), qp, kp, gcum_t, hs, v_new, rk)
+        *a[:5], seg, rk=a[5], q_scale=dk ** -0.5, num_stages=config.par_stages("output"), **par),
+        qp, kp, gcum_t, hs, v_new, rk)
     qp, kp = qn, kn
     dvl, qdo = timed("bwd_dv_local", lambda *a: triton_bwd.dv_local(
-        *a, seg, with_qdo=config.bwd_qdo, **bpar), qp, kp, gcum_t, do)
+        *a, seg, with_qdo=config.bwd_qdo, num_stages=config.par_stages("dv_local"), **bpar),
+        qp, kp, gcum_t, do)
     dfinal = jax.random.normal(jax.random.PRNGKey(3), (b, 1, h, dk, dv), jnp.float32)
     stages = triton_bwd._bwd_walk_stages(config, chunk, dk, bvb, jnp.dtype(op).itemsize)
     walk_in = (qdo,) if config.bwd_qdo else (qp, do)
@@ -158,9 +163,11 @@ def breakdown(shape, config, repeats):
         has_init=False, num_warps=config.walk_warps(dk, bvb), block_k=bk, num_stages=stages,
         **(dict(qdo=qa[0]) if config.bwd_qdo else dict(q=qa[0], do=qa[1])), **prec),
         kp, w, gcum_t, dvl, dfinal, *walk_in)
-    _, dkd, dw, _, _ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(*a, seg, **bpar),
+    _, dkd, dw, *_ = timed("bwd_dqkw", lambda *a: triton_bwd.dqkw(
+        *a, seg, num_stages=config.par_stages("dqkw"), **bpar),
                           qp, kp, gcum_t, hs, dh, v_new, do, du)
-    timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(*a, seg, dv_dtype=v.dtype, **bpar),
+    timed("bwd_wy", lambda *a: triton_bwd.wy_bwd(
+        *a, seg, dv_dtype=v.dtype, num_stages=config.par_stages("wy"), **bpar),
           kp, vp, beta_t, gcum_t, tm, dw, du, dkd)
     out["fwd_kernels_ms"] = sum(out[n + "_ms"] for n in ("ut_transform", "state_walk",
                                                           "chunk_output"))

@@ -7,6 +7,7 @@ and the Mosaic kernels lower for TPU without the hardware.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 import jax
@@ -639,6 +640,41 @@ def test_triton_kernels_lower_for_cuda(monkeypatch, ut_kernel):
     assert text.count("__gpu$xla.gpu.triton") == (9 if split else 7)
     assert all(name in text for name in ("gdn_ut_gram", "gdn_ut_inverse", "gdn_ut_apply")) == split
     assert ("gdn_ut_transform" in text) != split
+
+
+def _lowered_stages(monkeypatch, config) -> dict:
+    """{kernel name: num_stages} of the Triton kernels of a forward + backward lowered for an
+    H100 (dk = dv = 128)."""
+    monkeypatch.setattr(gd_api, "_interpret", lambda: False)
+    with jax.sharding.use_abstract_mesh(abstract_mesh(H100, "gpu")):
+        text = jax.jit(_grad_fn(config)).trace(*_abstract_args()).lower(
+            lowering_platforms=("cuda",)).as_text()
+    found = re.findall(r'name = "(gdn_[a-z_]+)"[^\n]{0,400}?num_stages = (\d+)', text)
+    return {name: int(stages) for name, stages in found}
+
+
+def test_chunk_parallel_kernels_pipelining_stages(monkeypatch):
+    """The chunk-parallel kernels lower with ``PAR_STAGES``' per-kernel stages by default and all
+    with ``par_num_stages`` when set; the walks keep their own."""
+    par = {"gdn_ut_gram": "ut", "gdn_ut_apply": "ut", "gdn_chunk_output": "output",
+           "gdn_bwd_dv_local": "dv_local", "gdn_bwd_dqkw": "dqkw", "gdn_bwd_wy": "wy"}
+    default = _lowered_stages(monkeypatch, gd_api.Config(backend="triton"))
+    assert {n: default[n] for n in par} == {n: gd_api.PAR_STAGES[k] for n, k in par.items()}
+    assert default["gdn_bwd_dqkw"] == 2 and default["gdn_bwd_wy"] == 1
+    three = _lowered_stages(monkeypatch, gd_api.Config(backend="triton", par_num_stages=3))
+    assert all(three[n] == 3 for n in par)
+    walks = ("gdn_state_walk", "gdn_bwd_state_walk", "gdn_ut_inverse")
+    assert {n: three[n] for n in walks} == {n: default[n] for n in walks}
+    assert gd_api.Config(par_num_stages=4).par_stages("wy") == 4
+    with pytest.raises(ValueError, match="unknown chunk-parallel kernel"):
+        gd_api.Config().par_stages("walk")
+    with pytest.raises(ValueError, match="par_num_stages"):
+        gd_api.Config(par_num_stages=0)
+    # a stage buffers one loop iteration's tiles: 128 KB at chunk 128, dk 256 in bf16 -> 1 stage
+    # within the 160 KB default budget, three 16 KB stages fit
+    from pallas_kernels.gated_delta import triton_common as tc  # noqa: PLC0415
+    assert tc.par_stages(3, (128, 256, jnp.bfloat16), (128, 256, jnp.bfloat16)) == 1
+    assert tc.par_stages(3, (64, 64, jnp.bfloat16), (64, 64, jnp.bfloat16)) == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ class Config:
       ut_kernel="split"; the UT transform with ut_kernel="masked" unless ut_num_warps is set).
     bwd_par_num_warps: the chunk-parallel backward kernels (P^T dO, dq/dk/dW, WY backward;
       None: par_num_warps).
+    par_num_stages: software-pipelining stages of the column-block loops of every chunk-parallel
+      kernel (A and W/U of ut_kernel="split", outputs, P^T dO, dq/dk/dW, WY backward); None:
+      ``PAR_STAGES``, per kernel.  Fewer where that many of a kernel's loop tiles would exceed
+      the GPU's ``triton_common.tile_smem_budget`` (``triton_common.par_stages``).
     bwd: "pallas" (Triton: a chunk-parallel P^T dO kernel, a sequential dS walk, then two
       chunk-parallel gradient kernels; Mosaic: one reverse chunk walk per (row, head) with the whole
       value dim as one block, ``mosaic_bwd``) or "xla" (VJP of the chunked XLA form).
@@ -115,6 +119,7 @@ class Config:
     num_warps: int | None = None
     num_stages: int | None = None
     par_num_warps: int = 4
+    par_num_stages: int | None = None
     par_block_v: int = 64
     bwd_par_num_warps: int | None = None
     bwd: str = "pallas"
@@ -130,6 +135,8 @@ class Config:
         if self.ut_kernel not in UT_KERNELS:
             raise ValueError(f"Config.ut_kernel must be one of {UT_KERNELS}, "
                              f"got {self.ut_kernel!r}")
+        if self.par_num_stages is not None and self.par_num_stages < 1:
+            raise ValueError(f"Config.par_num_stages must be >= 1, got {self.par_num_stages!r}")
         for name in ("ut_num_warps", "bwd_par_num_warps", "num_warps"):
             warps = getattr(self, name)
             if warps is not None and (warps < 1 or warps & (warps - 1)):
@@ -176,6 +183,14 @@ class Config:
             return self.num_warps
         return 8 if dk * block_v > 128 * 64 else 4
 
+    def par_stages(self, kernel: str) -> int:
+        """Pipelining stages asked for the chunk-parallel kernel ``kernel`` (a key of
+        ``PAR_STAGES``): ``par_num_stages`` if set, else ``PAR_STAGES[kernel]``."""
+        if kernel not in PAR_STAGES:
+            raise ValueError(f"unknown chunk-parallel kernel {kernel!r}; one of "
+                             f"{sorted(PAR_STAGES)}")
+        return PAR_STAGES[kernel] if self.par_num_stages is None else self.par_num_stages
+
     def bwd_par_warps(self) -> int:
         """Warps of the chunk-parallel backward kernels (resolves ``bwd_par_num_warps=None``)."""
         return self.par_num_warps if self.bwd_par_num_warps is None else self.bwd_par_num_warps
@@ -188,6 +203,12 @@ class Config:
 
 
 WALK_MIN_PROGRAMS = 256  # ~2 walk programs per SM on an H100 (132 SMs)
+# Default pipelining stages of the chunk-parallel Triton kernels (``Config.par_stages``): "ut" the
+# A and W/U kernels of the split UT transform, "output" the outputs, "dv_local" P^T dO, "dqkw"
+# dq/dk/dW, "wy" the WY backward.  Session 16, MoM E4 layer (dk = dv = 256) profiled on an H100:
+# dq/dk/dW 0.83 -> 0.68 ms with 2 stages (3: 0.82); WY backward 0.48 -> 0.54 (2) / 0.49 (3);
+# outputs 0.31 -> 0.34 (2) / 0.31 (3); the others within 0.01 ms (benchmarks/NOTES_kernels.md).
+PAR_STAGES = {"ut": 1, "output": 1, "dv_local": 1, "dqkw": 2, "wy": 1}
 DEFAULT_CONFIG = Config()
 _config = [DEFAULT_CONFIG]
 
@@ -326,7 +347,8 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                           precision=config.precision, with_t=store,
                                           block_k=block_k, block_v=par_block_v,
                                           kernel=config.ut_kernel,
-                                          wu_num_warps=config.par_num_warps, l2norm=qk_norm)
+                                          wu_num_warps=config.par_num_warps, l2norm=qk_norm,
+                                          num_stages=config.par_stages("ut"))
     h, v_new, final = triton_fwd.state_walk(
         kp, w, u, gcum_t, initp, lo, hi, seg, first, chunk=chunk, num_segments=num_segments,
         block_v=block_v, precision=config.precision, interpret=interpret,
@@ -338,7 +360,7 @@ def _forward(q, k, v, g, beta, init, chunk_segment, num_segments, chunk, config:
                                     precision=config.precision, interpret=interpret,
                                     num_warps=config.par_num_warps, block_k=block_k,
                                     block_v=par_block_v, out_dtype=out_dtype, rk=rk,
-                                    q_scale=scale)
+                                    q_scale=scale, num_stages=config.par_stages("output"))
     # Residuals for the Pallas backward; its kernels take the normalised, scaled q', k', which
     # ``_core_bwd`` rebuilds from the raw q, k and these norms (one elementwise XLA pass).
     extra = (vp, beta_t, gcum_t, t, w, h, v_new, lo, hi, seg, first) if store else None

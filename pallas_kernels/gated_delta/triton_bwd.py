@@ -19,13 +19,16 @@ Backward, with dS the cotangent of the state after the chunk, in four launches:
      and this key block's share of dG (w.r.t. the chunk-local cumulative log-decay G):
        sum_d Q*dQ - sum_d K*dK_direct, plus at the last position
        sum K*diag(e^{G_C-G}) v_new dh^T + e^{G_C} sum dh*h;
-     and its share of the row sums <dQ, Q> (the L2-norm Jacobian's, ``api._qk_out``).
+     and its share of the row sums <dQ, Q> and <dK_direct, K> (the L2-norm Jacobian's,
+     ``api._qk_out``).
   3. ``wy_bwd`` (chunk-parallel, grid (B*Nc, H)): the UT/WY part.  dT = dW Kb^T + du Vb^T,
      dA = -T^T dT T^T (strictly lower), dKb = T^T dW, dVb = T^T du, dV = diag(b) dVb,
      dK = dK_direct + diag(b e^G) dKb + dA' K + dA'^T K
           (dA' = diag(b) (E * dA), E_ij = e^{G_i - G_j}),
      dbeta = sum_d dVb*V + e^G sum_d dKb*K + rowsum(E*dA*KK^T),
-     dG += sum_d dKb*Kb + rowsum(dA*A) - colsum(dA*A), and the row sums <dK, K>.
+     dG += sum_d dKb*Kb + rowsum(dA*A) - colsum(dA*A), and the rest of the row sums <dK, K>.
+     The row sums over d are taken as colsum(T * du V^T), colsum(T * dW K^T) and from dA' * KK^T,
+     so that no loaded tile feeds both a dot and a reduction (``triton_common.par_stages``).
 XLA then adds the dG shares and turns dG into dg by a reverse cumsum inside each chunk.
 
 At a chunk that ends the segment's last run dS = d(final state); at the end of an earlier run (only
@@ -218,16 +221,18 @@ def _dv_local_kernel(seg_ref, q_ref, k_ref, g_ref, do_ref, dvl_ref, *qdo_ref, bl
 
 
 def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, block_k, block_v,
-             with_qdo: bool = False):
+             with_qdo: bool = False, num_stages: int = 1):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; do [B, L, H, dv]; seg [B, Nc] ->
     P^T dO [B, L, H, dv] with P = (Q K^T) * D per chunk (zero on chunks of no segment), and with
     ``with_qdo`` also Q^T diag(e^G) dO per chunk, [B, H, Nc, dk, dv] (undefined on chunks of no
     segment; else None), both in ``tc.operand_dtype(precision)``.  P^T dO enters
     du = Kd dS + P^T dO elementwise, and du is itself stored in that dtype (and rounded to it as
     a dot operand), so rounding P^T dO adds an error of the same size (flash-linear-attention
-    stores it in dO's dtype too)."""
+    stores it in dO's dtype too).  num_stages: pipelining of the value-block loop
+    (``tc.par_stages``)."""
     b, l, hh, dk = q.shape
     dv = do.shape[-1]
+    bv = min(block_v, dv)
     sp = tc.ChunkSpecs(b, l, chunk)
     op_dtype = tc.operand_dtype(precision, interpret)
     out_shape = [jax.ShapeDtypeStruct((b, l, hh, dv), op_dtype)]
@@ -236,12 +241,14 @@ def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, b
         out_shape.append(jax.ShapeDtypeStruct((b, hh, l // chunk, dk, dv), op_dtype))
         out_specs.append(sp.state(dk, dv))
     outs = pl.pallas_call(
-        functools.partial(_dv_local_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
+        functools.partial(_dv_local_kernel, block_k=min(block_k, dk), block_v=bv,
                           precision=resolve_precision(precision, interpret)),
         out_shape=tuple(out_shape), grid=(b * (l // chunk), hh),
         in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.tok(dv)],
         out_specs=tuple(out_specs),
-        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        compiler_params=tc.triton_params(num_warps, tc.par_stages(num_stages,
+                                                                  (chunk, bv, do.dtype))),
+        interpret=interpret,
         name="gdn_bwd_dv_local",
     )(seg, q, k, gcum_t, do)
     return outs[0], (outs[1] if with_qdo else None)
@@ -252,28 +259,32 @@ def dv_local(q, k, gcum_t, do, seg, *, chunk, precision, interpret, num_warps, b
 # ------------------------------------------------------------------------------------------------
 
 def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, du_ref,
-                 dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref, *, block_v, precision, blocks_first):
+                 dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref, rkd_ref, *, block_v, precision,
+                 blocks_first):
     chunk = q_ref.shape[0]
 
-    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref), blocks_first)
+    @tc.used_chunk(seg_ref, (dq_ref, dkd_ref, dw_ref, dg_ref, rq_ref, rkd_ref), blocks_first)
     def _():
         mm = functools.partial(cm.mm, precision=precision)
         rows = pl.ds(0, chunk)
         gates = tc.Gates.load(g_ref, rows, chunk - 1)
         bk = q_ref.shape[1]
 
+        # A loaded tile that feeds a dot feeds nothing else (``tc.par_stages``): sum dh*h is
+        # the trace of the accumulated dh h^T, taken after the loop.
         def value_block(vcol, acc):
             do_j, vn_j, du_j = do_ref[:, vcol], vnew_ref[:, vcol], du_ref[:, vcol]
             h_j, dh_j = h_ref[:, vcol], dh_ref[:, vcol]
             parts = (mm(do_j, vn_j, tb=True), mm(do_j, h_j, tb=True), mm(vn_j, dh_j, tb=True),
-                     mm(du_j, h_j, tb=True), jnp.sum(dh_j.astype(F32) * h_j.astype(F32)))
+                     mm(du_j, h_j, tb=True), mm(dh_j, h_j, tb=True))
             return tuple(a + b for a, b in zip(acc, parts))
 
         zeros = lambda n, m: jnp.zeros((n, m), F32)  # noqa: E731
-        dp, do_h, vn_dh, du_h, hdh = tc.fori_blocks(
+        dp, do_h, vn_dh, du_h, dh_h = tc.fori_blocks(
             do_ref.shape[1], block_v, value_block,
             (zeros(chunk, chunk), zeros(chunk, bk), zeros(chunk, bk), zeros(chunk, bk),
-             jnp.zeros((), F32)))
+             zeros(bk, bk)))
+        hdh = jnp.sum(tc.diagonal(dh_h))                  # sum dh * h over this key block
         dpd = dp * gates.causal()
         q = q_ref[...]
         k = k_ref[...]
@@ -286,28 +297,31 @@ def _dqkw_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, dh_ref, vnew_ref, do_ref, 
         kf = k.astype(F32)
         g_last = jnp.sum(kf * dk_inter) + gates.egl * hdh
         q_dq = jnp.sum(q.astype(F32) * dq, axis=1)        # this key block's share of <dq, q>
+        k_dkd = jnp.sum(kf * dkd, axis=1)                 # ... and of <dK_direct, k>
         rq_ref[...] = q_dq
-        dg_ref[...] = (q_dq - jnp.sum(kf * dkd, axis=1)
-                       + jnp.where(tc.last_row_mask(chunk), g_last, 0.0))
+        rkd_ref[...] = k_dkd
+        dg_ref[...] = q_dq - k_dkd + jnp.where(tc.last_row_mask(chunk), g_last, 0.0)
 
 
 def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret, num_warps,
-         block_k, block_v, blocks_first=False, dq_dtype=F32):
+         block_k, block_v, blocks_first=False, dq_dtype=F32, num_stages: int = 1):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; h, dh [B, H, Nc, dk, dv]; v_new, do, du [B, L, H, dv];
     seg [B, Nc]; blocks_first: launch a chunk's key-block programs side by side
     (``tc.blocks_first``: each reads the chunk's whole dO, v_new and du).  Returns (dq
     [B, L, H, dk] in dq_dtype (computed in float32), dK_direct [B, L, H, dk] float32,
     dW [B, L, H, dk] (``tc.operand_dtype``), dG shares [dk/BK, B, H, L] float32, shares of the
-    row sums <dq, q> [dk/BK, B, H, L] float32 (for the L2-norm Jacobian)); zero on chunks of no
-    segment."""
+    row sums <dq, q> and <dK_direct, k> [dk/BK, B, H, L] float32 each (for the L2-norm
+    Jacobian)); zero on chunks of no segment.  num_stages: pipelining of the value-block loop
+    (``tc.par_stages``)."""
     b, l, hh, dk = q.shape
     dv = do.shape[-1]
-    bk = min(block_k, dk)
+    bk, bv = min(block_k, dk), min(block_v, dv)
     nk = dk // bk
     sp = tc.ChunkSpecs(b, l, chunk)
     out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), dq_dtype),
                  jax.ShapeDtypeStruct((b, l, hh, dk), F32),
                  jax.ShapeDtypeStruct((b, l, hh, dk), tc.operand_dtype(precision, interpret)),
+                 jax.ShapeDtypeStruct((nk, b, hh, l), F32),
                  jax.ShapeDtypeStruct((nk, b, hh, l), F32),
                  jax.ShapeDtypeStruct((nk, b, hh, l), F32))
     grid = (b * (l // chunk), hh, nk)
@@ -315,15 +329,18 @@ def dqkw(q, k, gcum_t, h, dh, v_new, do, du, seg, *, chunk, precision, interpret
                 sp.state(bk, dv, key_blocked=True), sp.state(bk, dv, key_blocked=True),
                 sp.tok(dv), sp.tok(dv), sp.tok(dv)]
     out_specs = (sp.tok(bk, True), sp.tok(bk, True), sp.tok(bk, True), sp.gate_part(),
-                 sp.gate_part())
+                 sp.gate_part(), sp.gate_part())
     if blocks_first:
         grid, in_specs, out_specs = tc.blocks_first(grid, in_specs, out_specs)
     return pl.pallas_call(
-        functools.partial(_dqkw_kernel, block_v=min(block_v, dv),
+        functools.partial(_dqkw_kernel, block_v=bv,
                           precision=resolve_precision(precision, interpret),
                           blocks_first=blocks_first),
         out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_dqkw",
+        compiler_params=tc.triton_params(num_warps, tc.par_stages(
+            num_stages, (chunk, bv, do.dtype), (chunk, bv, v_new.dtype), (chunk, bv, du.dtype),
+            (bk, bv, h.dtype), (bk, bv, dh.dtype))),
+        interpret=interpret, name="gdn_bwd_dqkw",
     )(seg, q, k, gcum_t, h, dh, v_new, do, du)
 
 
@@ -344,59 +361,63 @@ def _wy_kernel(seg_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, dw_ref, du_ref, dk
         beg = (beta * gates.eg)[:, None]
         t = t_ref[...]
 
-        def key_block_a(col, carry):  # dT = dW Kb^T + ...;  KK^T
-            dt, kk = carry
+        # A loaded tile that feeds a dot feeds nothing else (``tc.par_stages``): the row sums of
+        # T^T dW * K and T^T du * V come from N = dW K^T and M = du V^T after the loops, as
+        # column sums of T * N and T * M; <dK - dK_direct, K> from K K^T (``dqkw`` sums
+        # <dK_direct, K>).
+        def key_block_a(col, carry):  # N = dW K^T;  K K^T
+            n, kk = carry
             k_b = k_ref[:, col]
-            return (dt + mm(dw_ref[:, col], k_b * beg, tb=True), kk + mm(k_b, k_b, tb=True))
+            return n + mm(dw_ref[:, col], k_b, tb=True), kk + mm(k_b, k_b, tb=True)
 
         cc = jnp.zeros((chunk, chunk), F32)
-        dt, kk = tc.fori_blocks(dk, block_k, key_block_a, (cc, cc))
+        n, kk = tc.fori_blocks(dk, block_k, key_block_a, (cc, cc))
 
-        def value_block(vcol, carry):  # ... + du Vb^T;  dV = diag(b) T^T du
-            dt, dbeta = carry
-            v_j, du_j = v_ref[:, vcol].astype(F32), du_ref[:, vcol]
+        def value_block(vcol, m):  # M = du V^T;  dV = diag(b) T^T du
+            du_j = du_ref[:, vcol]
             dvb = mm(t, du_j, ta=True)
             dv_ref[:, vcol] = (dvb * beta[:, None]).astype(dv_ref.dtype)
-            return dt + mm(du_j, v_j * beta[:, None], tb=True), dbeta + jnp.sum(dvb * v_j, axis=1)
+            return m + mm(du_j, v_ref[:, vcol], tb=True)
 
-        dt, dbeta = tc.fori_blocks(v_ref.shape[1], block_v, value_block,
-                                   (dt, jnp.zeros((chunk,), F32)))
+        m = tc.fori_blocks(v_ref.shape[1], block_v, value_block, cc)
+        dt = n * beg[:, 0][None, :] + m * beta[None, :]  # dW Kb^T + du Vb^T
+        tf = t.astype(F32)
+        dkbk = jnp.sum(tf * n, axis=0)                    # sum_d (T^T dW) * K
         da = -mm(mm(t, dt, ta=True), t, tb=True)
         dae = da * cm.strict_decay(gates.gcum)            # E * dA, strictly lower
         m_a = dae * kk * beta[:, None]                    # dA * A
-        dbeta = dbeta + jnp.sum(dae * kk, axis=1)
-        dg = jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0)
+        dbeta = jnp.sum(tf * m, axis=0) + jnp.sum(dae * kk, axis=1) + dkbk * gates.eg
+        dg = jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0) + dkbk * beg[:, 0]
         dkk = dae * beta[:, None]
+        dkk_kk = dkk * kk
+        k_dk = beg[:, 0] * dkbk + jnp.sum(dkk_kk, axis=1) + jnp.sum(dkk_kk, axis=0)
 
         def key_block_b(col, carry):
-            dbeta, dg, k_dk = carry
-            k_b, dw_b = k_ref[:, col], dw_ref[:, col]
-            kf_b = k_b.astype(F32)
-            dkb = mm(t, dw_b, ta=True)                    # T^T dW
-            dkbk = jnp.sum(dkb * kf_b, axis=1)
+            k_b = k_ref[:, col]
+            dkb = mm(t, dw_ref[:, col], ta=True)           # T^T dW
             dk_b = dkd_ref[:, col] + dkb * beg + mm(dkk, k_b) + mm(dkk, k_b, ta=True)
             dk_ref[:, col] = dk_b.astype(dk_ref.dtype)
-            return (dbeta + dkbk * gates.eg, dg + dkbk * beg[:, 0],
-                    k_dk + jnp.sum(dk_b * kf_b, axis=1))
+            return carry
 
-        dbeta, dg, k_dk = tc.fori_blocks(dk, block_k, key_block_b,
-                                         (dbeta, dg, jnp.zeros((chunk,), F32)))
+        tc.fori_blocks(dk, block_k, key_block_b, 0)
         dbeta_ref[...] = dbeta
         dg_ref[...] = dg
         rk_ref[...] = k_dk
 
 
 def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision, interpret,
-           num_warps, block_k, block_v, dv_dtype=F32, dk_dtype=F32):
+           num_warps, block_k, block_v, dv_dtype=F32, dk_dtype=F32, num_stages: int = 1):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C];
     dw [B, L, H, dk]; du [B, L, H, dv]; dk_direct [B, L, H, dk] float32 (its buffer is reused for
     dk when dk_dtype is float32); seg [B, Nc].  Returns (dk [B, L, H, dk] in dk_dtype,
     dv [B, L, H, dv] in dv_dtype (the op's v dtype: written once, not as float32 and cast by
-    XLA), dbeta [B, H, L] float32, dG share
-    [B, H, L] float32, row sums <dk, k> [B, H, L] float32 (for the L2-norm Jacobian)), all zero
-    on chunks of no segment."""
+    XLA), dbeta [B, H, L] float32, dG share [B, H, L] float32, the row sums <dk - dK_direct, k>
+    [B, H, L] float32 (``dqkw`` sums the rest of <dk, k>, for the L2-norm Jacobian)), all zero
+    on chunks of no segment.  num_stages: pipelining of the key- and value-block loops
+    (``tc.par_stages``, a stage counted as the tiles of all three loops)."""
     b, l, hh, dk = k.shape
     dv = v.shape[-1]
+    bk, bv = min(block_k, dk), min(block_v, dv)
     sp = tc.ChunkSpecs(b, l, chunk)
     out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), dk_dtype),
                  jax.ShapeDtypeStruct((b, l, hh, dv), dv_dtype),
@@ -404,14 +425,17 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
                  jax.ShapeDtypeStruct((b, hh, l), F32),
                  jax.ShapeDtypeStruct((b, hh, l), F32))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, block_k=min(block_k, dk), block_v=min(block_v, dv),
+        functools.partial(_wy_kernel, block_k=bk, block_v=bv,
                           precision=resolve_precision(precision, interpret)),
         out_shape=out_shape, grid=(b * (l // chunk), hh),
         in_specs=[sp.seg(), sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.tmat(), sp.tok(dk),
                   sp.tok(dv), sp.tok(dk)],
         out_specs=(sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.gate()),
         input_output_aliases={8: 0} if jnp.dtype(dk_dtype) == F32 else {},
-        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret, name="gdn_bwd_wy",
+        compiler_params=tc.triton_params(num_warps, tc.par_stages(
+            num_stages, (chunk, bk, k.dtype), (chunk, bk, dw.dtype), (chunk, bk, F32),
+            (chunk, bv, v.dtype), (chunk, bv, du.dtype))),
+        interpret=interpret, name="gdn_bwd_wy",
     )(seg, k, v, beta_t, gcum_t, t, dw, du, dk_direct)
 
 
@@ -465,24 +489,28 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret,
         dfinal_p = jnp.pad(dfinal_p, [(0, 0)] * 3 + [(0, dkp - dk), (0, 0)])
     common = dict(chunk=chunk, precision=config.precision, interpret=interpret, block_k=block_k)
     par = dict(num_warps=config.bwd_par_warps(), block_v=par_block_v)
-    dvl, qdo = dv_local(qp, kp, gcum_t, do_p, seg, with_qdo=config.bwd_qdo, **par, **common)
+    dvl, qdo = dv_local(qp, kp, gcum_t, do_p, seg, with_qdo=config.bwd_qdo,
+                        num_stages=config.par_stages("dv_local"), **par, **common)
     walk_in = dict(qdo=qdo) if config.bwd_qdo else dict(q=qp, do=do_p)
     dh, du, dinit = state_grad_walk(
         kp, w, gcum_t, dvl, dfinal_p, lo, hi, seg, first, last, num_segments=num_segments,
         block_v=block_v, has_init=has_init, num_warps=config.walk_warps(dkp, block_v),
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize),
         longest_first=config.longest_first, **walk_in, **common)
-    dq, dk_direct, dw, dg_qk, rq = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
+    dq, dk_direct, dw, dg_qk, rq, rkd = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
                                         blocks_first=config.blocks_first,
+                                        num_stages=config.par_stages("dqkw"),
                                         dq_dtype=dqk_dtypes[0], **par, **common)
     dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
-                                        dv_dtype=v.dtype, dk_dtype=dqk_dtypes[1], **common)
+                                        dv_dtype=v.dtype, dk_dtype=dqk_dtypes[1],
+                                        num_stages=config.par_stages("wy"), **common)
     dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg
     dg = jnp.transpose(dg, (0, 2, 1))
     dbeta = jnp.transpose(dbeta, (0, 2, 1))
     if has_init:
         empty = (hi <= lo).reshape(b, num_segments)[:, :, None, None, None]
         dinit = jnp.where(empty, dfinal.astype(F32), dinit[..., :dk, :dv])
-    rowdots = (jnp.transpose(jnp.sum(rq, axis=0), (0, 2, 1)), jnp.transpose(rk, (0, 2, 1)))
+    rowdots = (jnp.transpose(jnp.sum(rq, axis=0), (0, 2, 1)),
+               jnp.transpose(jnp.sum(rkd, axis=0) + rk, (0, 2, 1)))
     return (dq, dk_, dv_[..., :dv].astype(v.dtype), dg.astype(g.dtype) if has_g else None,
             dbeta.astype(beta.dtype), dinit, rowdots)

@@ -73,6 +73,20 @@ def stages_within_budget(stages: int, per_stage_bytes: int, budget: int | None =
     return max(1, min(stages, budget // max(per_stage_bytes, 1)))
 
 
+def par_stages(stages: int, *tiles: tuple) -> int:
+    """Pipelining stages of a chunk-parallel kernel's column-block loops (``fori_blocks``):
+    ``stages``, but no more than fit the device's tile budget (``stages_within_budget``) when a
+    stage buffers one iteration's loaded ``tiles``, each given as (rows, cols, dtype).
+
+    In a pipelined loop, a loaded tile that feeds a dot must feed nothing else: with 2-3 stages,
+    Triton (jaxlib 0.11.2) gave wrong and run-to-run varying results where a loop also reduced
+    such a tile (sum(dh * h), sum(T^T du * V) and the like; upstream issues on pipelined loads
+    with uses outside the dot's stage).  The kernels take such sums from dot results after the
+    loop (benchmarks/NOTES_kernels.md, sessions 15-16)."""
+    per_stage = sum(r * c * jnp.dtype(dt).itemsize for r, c, dt in tiles)
+    return stages_within_budget(stages, per_stage)
+
+
 def triton_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
@@ -185,12 +199,16 @@ def causal_qk(q_ref, k_ref, rows, key_cols: list, gates: "Gates", mm):
     return qs, p * gates.causal()
 
 
+def diagonal(x: jax.Array) -> jax.Array:
+    """The diagonal [n] of a square [n, n] array (masked row sums: no gather in Triton)."""
+    n = x.shape[0]
+    return jnp.sum(jnp.where(cm.iota2(n, n, 0) == cm.iota2(n, n, 1), x, 0.0), axis=1)
+
+
 def gram_rstd(kk: jax.Array) -> jax.Array:
     """Per-row inverse L2 norms rstd_i = 1 / sqrt(k_i.k_i + eps) [C] float32 from the Gram matrix
     kk = K K^T [C, C] (its diagonal; with bfloat16 K the products are exact in float32)."""
-    c = kk.shape[0]
-    diag = jnp.sum(jnp.where(cm.iota2(c, c, 0) == cm.iota2(c, c, 1), kk, 0.0), axis=1)
-    return jax.lax.rsqrt(diag + L2NORM_EPS)
+    return jax.lax.rsqrt(diagonal(kk) + L2NORM_EPS)
 
 
 def tiles_rstd(row_tiles: list) -> jax.Array:

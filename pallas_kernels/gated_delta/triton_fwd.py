@@ -165,12 +165,15 @@ def _gram_precision(k, ut_precision: str, interpret: bool):
 
 
 def ut_gram(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
-            ut_precision: str = "tf32x3", block_k: int = 64, l2norm: bool = False):
+            ut_precision: str = "tf32x3", block_k: int = 64, l2norm: bool = False,
+            num_stages: int = 1):
     """A per chunk: k [B, L, H, dk]; beta_t, gcum_t [B, H, L] float32 -> (a [B, H, L, C] float32,
     rk [B, L, H] float32 or None).  A_ij = b_i e^{G_i - G_j} k'_i.k'_j for j < i (rows of chunk c
     at [.., cC:(c+1)C, :]), else 0; with ``l2norm`` k' = k * rk, rk = 1 / sqrt(|k|^2 + eps) (the
-    op's key L2-norm, computed here from the Gram diagonal), else k' = k and rk is None."""
+    op's key L2-norm, computed here from the Gram diagonal), else k' = k and rk is None.
+    num_stages: pipelining of the key-block loop (``tc.par_stages``)."""
     b, l, h, dk = k.shape
+    bk = min(block_k, dk)
     tok, gate, tmat, rowvec = _ut_specs(chunk)
     out_shape, out_specs = [jax.ShapeDtypeStruct((b, h, l, chunk), F32)], [tmat]
     if l2norm:
@@ -178,10 +181,12 @@ def ut_gram(k, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps
         out_specs.append(rowvec)
     outs = pl.pallas_call(
         functools.partial(_gram_kernel, precision=_gram_precision(k, ut_precision, interpret),
-                          block_k=min(block_k, dk)),
+                          block_k=bk),
         out_shape=tuple(out_shape), grid=(b, l // chunk, h),
         in_specs=[tok(dk), gate, gate], out_specs=tuple(out_specs),
-        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        compiler_params=tc.triton_params(num_warps, tc.par_stages(num_stages,
+                                                                  (chunk, bk, k.dtype))),
+        interpret=interpret,
         name="gdn_ut_gram")(k, beta_t, gcum_t)
     return outs[0], (outs[1] if l2norm else None)
 
@@ -203,12 +208,14 @@ def ut_inverse(a, chunk: int, *, t_dtype=F32, interpret: bool = False, num_warps
 
 def ut_apply(k, v, beta_t, gcum_t, t, chunk: int, *, rk=None, u_dtype=F32,
              interpret: bool = False, num_warps: int = 4, precision: str = "bf16",
-             block_k: int = 64, block_v: int = 64):
+             block_k: int = 64, block_v: int = 64, num_stages: int = 1):
     """W = T Kb, U = T Vb per chunk: k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L];
     t [B, H, L, C]; rk [B, L, H] float32 inverse key norms (Kb = diag(b e^G rk) K) or None ->
-    (W [B, L, H, dk] in ``tc.operand_dtype(precision)``, U [B, L, H, dv] in u_dtype)."""
+    (W [B, L, H, dk] in ``tc.operand_dtype(precision)``, U [B, L, H, dv] in u_dtype).
+    num_stages: pipelining of the key- and value-block loops (``tc.par_stages``)."""
     b, l, h, dk = k.shape
     dv = v.shape[-1]
+    bk, bv = min(block_k, dk), min(block_v, dv)
     tok, gate, tmat, rowvec = _ut_specs(chunk)
     args, in_specs = [k, v, beta_t, gcum_t, t], [tok(dk), tok(dv), gate, gate, tmat]
     if rk is not None:
@@ -216,19 +223,21 @@ def ut_apply(k, v, beta_t, gcum_t, t, chunk: int, *, rk=None, u_dtype=F32,
         in_specs.append(rowvec)
     return pl.pallas_call(
         functools.partial(_wu_kernel, precision=resolve_precision(precision, interpret),
-                          block_k=min(block_k, dk), block_v=min(block_v, dv)),
+                          block_k=bk, block_v=bv),
         out_shape=(jax.ShapeDtypeStruct((b, l, h, dk), tc.operand_dtype(precision, interpret)),
                    jax.ShapeDtypeStruct((b, l, h, dv), u_dtype)),
         grid=(b, l // chunk, h), in_specs=in_specs,
         out_specs=(tok(dk), tok(dv)),
-        compiler_params=tc.triton_params(num_warps, 1), interpret=interpret,
+        compiler_params=tc.triton_params(num_warps, tc.par_stages(
+            num_stages, (chunk, bk, k.dtype), (chunk, bv, v.dtype))),
+        interpret=interpret,
         name="gdn_ut_apply")(*args)
 
 
 def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, num_warps: int = 4,
                  ut_precision: str = "tf32x3", precision: str = "bf16", with_t: bool = True,
                  block_k: int = 64, block_v: int = 64, kernel: str = "split",
-                 wu_num_warps: int = 4, l2norm: bool = False):
+                 wu_num_warps: int = 4, l2norm: bool = False, num_stages: int = 1):
     """k [B, L, H, dk]; v [B, L, H, dv]; beta_t, gcum_t [B, H, L] float32 ->
     (T [B, H, L, C] or None, W [B, L, H, dk], U [B, L, H, dv], rk [B, L, H] float32 or None).
 
@@ -246,7 +255,8 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     NOTES_kernels.md).  precision: dots W = T Kb and U = T Vb.
     kernel: "split" (three launches: ``ut_gram`` A with ``wu_num_warps`` warps, ``ut_inverse`` T
     with ``num_warps``, ``ut_apply`` W and U with ``wu_num_warps``) or "masked" (``_ut_kernel``:
-    whole C x C tiles, ``cm.ut_inverse``, ``num_warps``); same outputs up to rounding."""
+    whole C x C tiles, ``cm.ut_inverse``, ``num_warps``); same outputs up to rounding.
+    num_stages: pipelining of the column-block loops of ``ut_gram`` and ``ut_apply`` ("split")."""
     if kernel not in UT_KERNELS:
         raise ValueError(f"unknown UT kernel {kernel!r}; one of {sorted(UT_KERNELS)}")
     b, l, h, dk = k.shape
@@ -255,12 +265,13 @@ def ut_transform(k, v, beta_t, gcum_t, chunk: int, *, interpret: bool = False, n
     blocks = dict(block_k=min(block_k, dk), block_v=min(block_v, dv))
     if kernel == "split":
         a, rk = ut_gram(k, beta_t, gcum_t, chunk, interpret=interpret, num_warps=wu_num_warps,
-                        ut_precision=ut_precision, block_k=blocks["block_k"], l2norm=l2norm)
+                        ut_precision=ut_precision, block_k=blocks["block_k"], l2norm=l2norm,
+                        num_stages=num_stages)
         t = ut_inverse(a, chunk, t_dtype=store_dtype, interpret=interpret, num_warps=num_warps,
                        ut_precision=ut_precision)
         w, u = ut_apply(k, v, beta_t, gcum_t, t, chunk, rk=rk, u_dtype=store_dtype,
                         interpret=interpret, num_warps=wu_num_warps, precision=precision,
-                        **blocks)
+                        num_stages=num_stages, **blocks)
         return (t if with_t else None), w, u, rk
     tok, gate, tmat, rowvec = _ut_specs(chunk)
     out_shape = [jax.ShapeDtypeStruct((b, l, h, dk), store_dtype),
@@ -457,7 +468,8 @@ def _output_kernel(seg_ref, q_ref, k_ref, g_ref, h_ref, vnew_ref, *refs, l2norm,
 
 def chunk_output(q, k, gcum_t, h, v_new, seg, *, chunk: int, precision: str = "bf16",
                  interpret: bool = False, num_warps: int = 4, block_k: int = 64,
-                 block_v: int = 64, out_dtype=F32, rk=None, q_scale: float = 1.0):
+                 block_v: int = 64, out_dtype=F32, rk=None, q_scale: float = 1.0,
+                 num_stages: int = 1):
     """q, k [B, L, H, dk]; gcum_t [B, H, L]; h [B, H, Nc, dk, dv]; v_new [B, L, H, dv];
     seg [B, Nc]; rk [B, L, H] float32 inverse key norms (``ut_transform`` with l2norm) or None ->
     (o [B, L, H, dv] in out_dtype (computed in float32, rounded as it is stored; zero on chunks of
@@ -465,9 +477,11 @@ def chunk_output(q, k, gcum_t, h, v_new, seg, *, chunk: int, precision: str = "b
 
     The queries are q * q_scale, and with rk given (the op's L2-norm) q * rq * q_scale and the
     keys k * rk: the norms and the scale enter as row / column scales of the float32 dot
-    results, the dots take q and k as stored."""
+    results, the dots take q and k as stored.  num_stages: pipelining of the value-block loop
+    (``tc.par_stages``)."""
     b, l, hh, dk = q.shape
     dv = v_new.shape[-1]
+    bv = min(block_v, dv)
     sp = tc.ChunkSpecs(b, l, chunk)
     l2norm = rk is not None
     in_specs = [sp.seg(), sp.tok(dk), sp.tok(dk), sp.gate(), sp.state(dk, dv), sp.tok(dv)]
@@ -480,13 +494,14 @@ def chunk_output(q, k, gcum_t, h, v_new, seg, *, chunk: int, precision: str = "b
         out_specs.append(sp.row_vector())
     outs = pl.pallas_call(
         functools.partial(_output_kernel, l2norm=l2norm, q_scale=float(q_scale),
-                          block_k=min(block_k, dk), block_v=min(block_v, dv),
+                          block_k=min(block_k, dk), block_v=bv,
                           precision=resolve_precision(precision, interpret)),
         out_shape=tuple(out_shape),
         grid=(b * (l // chunk), hh),
         in_specs=in_specs,
         out_specs=tuple(out_specs),
-        compiler_params=tc.triton_params(num_warps, 1),
+        compiler_params=tc.triton_params(num_warps, tc.par_stages(
+            num_stages, (chunk, bv, v_new.dtype), (dk, bv, h.dtype))),
         interpret=interpret,
         name="gdn_chunk_output",
     )(*args)
