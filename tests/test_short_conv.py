@@ -279,7 +279,6 @@ def test_input_parts_lower_for_cuda(monkeypatch):
     assert "concatenate" not in text
 
 
-
 def test_dx_group_is_the_largest_divisor_within_dx_tiles():
     """``ConvConfig.dx_group``: the row tiles one dx-pass program walks divide the tile count."""
     cfg = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=4)

@@ -498,9 +498,9 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret,
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize),
         longest_first=config.longest_first, **walk_in, **common)
     dq, dk_direct, dw, dg_qk, rq, rkd = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
-                                        blocks_first=config.blocks_first,
-                                        num_stages=config.par_stages("dqkw"),
-                                        dq_dtype=dqk_dtypes[0], **par, **common)
+                                             blocks_first=config.blocks_first,
+                                             num_stages=config.par_stages("dqkw"),
+                                             dq_dtype=dqk_dtypes[0], **par, **common)
     dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
                                         dv_dtype=v.dtype, dk_dtype=dqk_dtypes[1],
                                         num_stages=config.par_stages("wy"), **common)
