@@ -33,6 +33,7 @@ from benchmarks.timing import time_fn, time_queued, write_results
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
 from mom_jax.ops import api as ops_api
 from pallas_kernels import gated_delta as gd_kernels
+from pallas_kernels import short_conv
 
 
 def layer_fns(layer, batch: int, seq: int, dim: int, dtype=jnp.bfloat16):
@@ -107,6 +108,9 @@ def main():
     ap.add_argument("--shapes", default="8x2048,2x8192", help="comma list of BxT")
     ap.add_argument("--kernel-configs", nargs="*", default=["{}"],
                     help="JSON Config overrides for impl=pallas, each timed side by side")
+    ap.add_argument("--conv-config", default="{}",
+                    help="JSON fields of pallas_kernels.short_conv.ConvConfig over its defaults "
+                    "(the conv kernel's tiling for the whole run)")
     ap.add_argument("--chunk-sizes", default="64",
                     help="comma list of the layers' chunk_size (stream chunk and kernel chunk)")
     ap.add_argument("--conv-impls", default="pallas",
@@ -117,6 +121,7 @@ def main():
         with conv_impl(c):   # bad names fail here
             pass
     base_config = gd_kernels.get_default_config()
+    short_conv.set_default_config(short_conv.ConvConfig(**json.loads(args.conv_config)))
     kernel_configs = [json.loads(c) for c in args.kernel_configs]
     for c in kernel_configs:
         dataclasses.replace(base_config, **c)   # unknown fields / bad values fail here
@@ -153,7 +158,8 @@ def main():
                 row = dict(layer=name, batch=b, seq=t, hidden=d, heads=h, head_dim=dk, impl=impl,
                            **{"chunk_size": layer.chunk_size, **kw}, **res)
                 if impl == "pallas":
-                    row.update(kernel_config=json.dumps(kc), conv=conv)
+                    row.update(kernel_config=json.dumps(kc), conv=conv,
+                               conv_config=args.conv_config)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             gd_kernels.set_default_config(base_config)

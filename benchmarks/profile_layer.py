@@ -36,6 +36,7 @@ from benchmarks.timing import write_results
 from mom_jax.layers import GatedDeltaNetLayer, MoMLayer
 from mom_jax.layers.mom import ROUTED_PROJECTIONS as MOM_PROJECTIONS
 from pallas_kernels import gated_delta as gd_kernels
+from pallas_kernels import short_conv
 
 
 def kind_of(name: str) -> str:
@@ -133,8 +134,11 @@ def main():
     ap.add_argument("--what", default="fwdbwd", choices=("fwdbwd", "fwd"))
     ap.add_argument("--kernel-config", default="{}",
                     help="JSON fields of pallas_kernels.gated_delta.Config over its defaults")
+    ap.add_argument("--conv-config", default="{}",
+                    help="JSON fields of pallas_kernels.short_conv.ConvConfig over its defaults")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    short_conv.set_default_config(short_conv.ConvConfig(**json.loads(args.conv_config)))
     gd_kernels.set_default_config(dataclasses.replace(gd_kernels.get_default_config(),
                                                       **json.loads(args.kernel_config)))
     b, t = (int(v) for v in args.shape.split("x"))
@@ -169,6 +173,7 @@ def main():
     if args.out:
         write_results(args.out, dev, shape=args.shape, impl=args.impl, projection=args.projection,
                       conv=args.conv, what=args.what, kernel_config=args.kernel_config,
+                      conv_config=args.conv_config,
                       chunk_size=args.chunk_size,
                       results=results)
 
