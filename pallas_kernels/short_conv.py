@@ -45,10 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from mom_jax.ops.common import head_norm_parts, l2norm_rstd, l2norm_vjp
-from pallas_kernels.gated_delta import common as cm
 
 F32 = jnp.float32
-BWD_KINDS = ("two_pass", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,21 +59,13 @@ class ConvConfig:
       run once per walk instead of once per tile.  H100, the MoM stream's conv fwd+bwd queued:
       1 / 4 / 10 tiles 1.955 / 1.997 / 1.983 ms (before session 15: 2.11); the layer A/B ran
       with 4 (benchmarks/NOTES.md session 15).
-    bwd: "two_pass" (dacc = dy * SiLU'(acc) stored, then the dx / weight-gradient pass) or
-      "fused" (one pass on the feature tiles: each program walks ``dx_group`` row tiles, forms
-      dacc of the tile after the current one too, and gets dacc[t + s] by 0/1 shift-matrix dots,
-      so dacc never leaves the program; needs activation and tiles of >= 16 rows, else
-      two_pass).
     """
     block_l: int = 64
     block_c: int = 64
     num_warps: int = 4
     dx_tiles: int = 4
-    bwd: str = "two_pass"
 
     def __post_init__(self):
-        if self.bwd not in BWD_KINDS:
-            raise ValueError(f"ConvConfig.bwd must be one of {BWD_KINDS}, got {self.bwd!r}")
         for name in ("block_l", "block_c", "num_warps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
@@ -106,17 +96,6 @@ def get_default_config() -> ConvConfig:
 def _silu_and_grad(acc):
     sig = jax.nn.sigmoid(acc)
     return acc * sig, sig * (1.0 + acc * (1.0 - sig))
-
-
-def _dacc(acc, dy, scale):
-    """The pre-activation's cotangent (float32) from dy (the output's): SiLU's derivative, after
-    the L2-norm's Jacobian where the part is normalised (scale not None: each row of the tile one
-    head)."""
-    u, grad = _silu_and_grad(acc)
-    dy = dy.astype(F32)
-    if scale is not None:
-        dy = l2norm_vjp(u, l2norm_rstd(u)[1], dy * scale)
-    return dy * grad
 
 
 def _tile(ref, b, rows, cols, length):
@@ -195,12 +174,18 @@ def _fwd_kernel(*refs, n_in, width, block_l, block_c, activation, length, in_par
     if backward:
         dy_refs, (o_ref,) = refs[:len(parts)], refs[len(parts):]
 
+        def dacc(acc, dy, scale):
+            u, grad = _silu_and_grad(acc)
+            dy = dy.astype(F32)
+            if scale is not None:   # the L2-norm's Jacobian, each row of the tile one head
+                dy = l2norm_vjp(u, l2norm_rstd(u)[1], dy * scale)
+            return (dy * grad).astype(o_ref.dtype)
+
         for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
             def _(i=i, in_block=in_block, o=o, out_block=out_block):
                 dy = (dy_refs[0][...] if single else
                       dy_refs[o][b, tile_rows, pl.ds(out_block * block_c, block_c)])
-                o_ref[...] = _dacc(pre_activation(i, in_block), dy,
-                                   parts[o][2]).astype(o_ref.dtype)
+                o_ref[...] = dacc(pre_activation(i, in_block), dy, parts[o][2])
             _branch(cond, _)
         return
 
@@ -265,88 +250,6 @@ def _bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts, group):
         _branch(cond, _)
 
 
-def _shift_matrix(block_l: int, s: int, keep, from_next: bool, dtype):
-    """[block_l, block_l] 0/1 matrix M with (M @ d)[t] = d[t + s] for the rows t + s of this tile
-    (from_next False) or of the next one (True, row t + s - block_l of d), where ``keep`` ([block_l]
-    bool, by row of d) holds; 0 elsewhere.  A row shift as a dot: Triton tiles have no other way
-    to move values between rows (the two-pass backward reloads shifted tiles from memory)."""
-    row = jax.lax.broadcasted_iota(jnp.int32, (block_l, block_l), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (block_l, block_l), 1)
-    source = col + (block_l if from_next else 0)
-    return jnp.where((source == row + s) & keep[None, :], 1.0, 0.0).astype(dtype)
-
-
-def _fused_bwd_kernel(*refs, n_in, width, block_l, block_c, length, in_parts, parts, group):
-    """Backward in one pass over ``group`` consecutive row tiles (program (b, j, c): tiles
-    j*group ... j*group + group - 1 of channel block c).  Per tile: dacc = dy * SiLU'(acc) as in
-    the two-pass backward's first pass (the norm's Jacobian first for a normalised part), for the
-    tile after it too (carried to the next step, so each tile's dacc is formed once per walk
-    plus one tile per walk), rounded to x's dtype as the two-pass form stores it; then
-    dx[t] = sum_s tap_s * dacc[t+s] (rank[t+s] >= s) with dacc[t+s] from 0/1 shift-matrix dots
-    of the two tiles (exact: one non-zero product per sum); the weight gradient's products
-    x[t-s] * dacc[t] from the pre-activation's own shifted x tiles (dacc in float32), summed over
-    rows per tile and over the walk.  refs: the n_in input parts, rank, weight, one dy per
-    output part, then one dx per input part, dw [B, tiles / group, W, C] float32 (whole arrays).
-    """
-    x_refs, (rank_ref, w_ref) = refs[:n_in], refs[n_in:n_in + 2]
-    dy_refs = refs[n_in + 2:n_in + 2 + len(parts)]
-    dx_refs, dw_ref = refs[n_in + 2 + len(parts):-1], refs[-1]
-    b, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    cols = pl.ds(c * block_c, block_c)
-    taps = _taps(w_ref, cols, width)
-    dtype = x_refs[0].dtype
-    precision = None if dtype == jnp.bfloat16 else jax.lax.Precision.HIGHEST
-    for i, in_block, o, out_block, cond in _part_pairs(c, block_c, in_parts, parts):
-        def _(i=i, in_block=in_block, o=o, out_block=out_block):
-            in_cols = pl.ds(in_block * block_c, block_c)
-            out_cols = pl.ds(out_block * block_c, block_c)
-
-            def tile_dacc(first):
-                """(dacc of rows first ... first + block_l in x's dtype, 0 where rank < 0 or
-                past the stream; its rank; the W column sums sum_t x[t-s] dacc[t])."""
-                rows = first + jnp.arange(block_l)
-                inside = rows < length
-                rank = jnp.where(inside, rank_ref[b, jnp.minimum(rows, length - 1)], -1)
-                acc, shifted = jnp.zeros((block_l, block_c), F32), []
-                for s, tap in enumerate(taps):
-                    keep = ((rank >= s) & (rows >= s))[:, None]
-                    x_s = jnp.where(keep, _tile(x_refs[i], b, rows - s, in_cols, length), 0.0)
-                    shifted.append(x_s)
-                    acc = acc + x_s * tap
-                dy = _tile(dy_refs[o], b, rows, out_cols, length)
-                dacc = _dacc(acc, dy, parts[o][2])
-                dacc = jnp.where((rank >= 0)[:, None], dacc, 0.0)
-                return dacc.astype(dtype), rank, [jnp.sum(x_s * dacc, axis=0) for x_s in shifted]
-
-            def dx_tile(cur, rank_cur, nxt, rank_nxt):
-                dx = cur.astype(F32) * taps[0]
-                for s in range(1, width):
-                    dx = dx + taps[s] * (
-                        cm.mm(_shift_matrix(block_l, s, rank_cur >= s, False, dtype), cur,
-                              precision)
-                        + cm.mm(_shift_matrix(block_l, s, rank_nxt >= s, True, dtype), nxt,
-                                precision))
-                return dx
-
-            first0 = j * group * block_l
-            cur0, rank0, sums0 = tile_dacc(first0)
-
-            def step(t, carry):
-                cur, rank_cur, sums = carry
-                first = first0 + t * block_l
-                nxt, rank_nxt, nxt_sums = tile_dacc(first + block_l)
-                dx = dx_tile(cur, rank_cur, nxt, rank_nxt)
-                dx_refs[i][b, pl.ds(first, block_l), in_cols] = dx.astype(dx_refs[i].dtype)
-                mine = t + 1 < group                 # the last step's next tile: next program's
-                sums = tuple(a + jnp.where(mine, n, 0.0) for a, n in zip(sums, nxt_sums))
-                return nxt, rank_nxt, sums
-
-            sums = jax.lax.fori_loop(0, group, step, (cur0, rank0, tuple(sums0)))[2]
-            for s in range(width):
-                dw_ref[b, j, width - 1 - s, cols] = sums[s]
-        _branch(cond, _)
-
-
 def _whole(x):
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
@@ -405,8 +308,6 @@ def _bwd_call(xs, rank, weight, dys, activation, configs, parts):
     (tiles of the dacc pass, tiles of the dx / dweight pass)."""
     (b, l, _), (width, c) = xs[0].shape, weight.shape
     feature_config, config = configs
-    if activation and fused_backward(feature_config, width):
-        return _fused_bwd_call(xs, rank, weight, dys, feature_config, parts)
     n_tiles = l // config.block_l
     group = config.dx_group(n_tiles)
     if activation:
@@ -425,33 +326,6 @@ def _bwd_call(xs, rank, weight, dys, activation, configs, parts):
         out_specs=(*[_whole(d) for d in dx_shapes], _whole(dw_shape)),
         compiler_params=_params(config), interpret=_interpret(),
         name="short_conv_bwd")(*xs, rank, weight, dacc)
-    return tuple(dxs), jnp.sum(dw_parts, axis=(0, 1))
-
-
-def fused_backward(config: ConvConfig, width: int) -> bool:
-    """Whether the backward runs as one pass (``ConvConfig.bwd``): asked for, and tiles of at
-    least 16 rows (Triton's smallest dot) that a tap reaches across at most once."""
-    return config.bwd == "fused" and config.block_l >= 16 and width - 1 <= config.block_l
-
-
-def _fused_bwd_call(xs, rank, weight, dys, config: ConvConfig, parts):
-    """(dx per input part in x's dtype, dweight float32 [W, C]) in one pass
-    (``_fused_bwd_kernel``) on config's tiles."""
-    (b, l, _), (width, c) = xs[0].shape, weight.shape
-    n_tiles = l // config.block_l
-    group = config.dx_group(n_tiles)
-    kernel = functools.partial(_fused_bwd_kernel, n_in=len(xs), width=width,
-                               block_l=config.block_l, block_c=config.block_c, length=l,
-                               in_parts=_in_parts(xs), parts=parts, group=group)
-    dw_shape = jax.ShapeDtypeStruct((b, n_tiles // group, width, c), F32)
-    dx_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]
-    *dxs, dw_parts = pl.pallas_call(
-        kernel, out_shape=(*dx_shapes, dw_shape),
-        grid=(b, n_tiles // group, c // config.block_c),
-        in_specs=[_whole(a) for a in (*xs, rank, weight, *dys)],
-        out_specs=(*[_whole(d) for d in dx_shapes], _whole(dw_shape)),
-        compiler_params=_params(config), interpret=_interpret(),
-        name="short_conv_bwd_fused")(*xs, rank, weight, *dys)
     return tuple(dxs), jnp.sum(dw_parts, axis=(0, 1))
 
 

@@ -285,3 +285,21 @@ def test_dx_group_is_the_largest_divisor_within_dx_tiles():
     assert [cfg.dx_group(n) for n in (1, 2, 3, 4, 6, 7, 9, 12, 100)] == [1, 2, 3, 4, 3, 1, 3, 4, 4]
     with pytest.raises(ValueError, match="dx_tiles"):
         sc.ConvConfig(dx_tiles=0)
+
+
+def test_default_config_setter(monkeypatch):
+    """``set_default_config``: calls without a config (the layers') run on the set tiling."""
+    seen = []
+    original = sc._fwd_call
+    monkeypatch.setattr(sc, "_fwd_call", lambda *a, **kw: seen.append(a[4]) or original(*a, **kw))
+    x, weight, rank, _ = _stream(6, 1, 64, 32, 4)
+    tiles = sc.ConvConfig(block_l=16, block_c=32, dx_tiles=2)
+    assert sc.get_default_config() == sc.ConvConfig()
+    sc.set_default_config(tiles)
+    try:
+        out = sc.short_conv(x, weight, rank)
+    finally:
+        sc.set_default_config(sc.ConvConfig())
+    sc.short_conv(x, weight, rank)
+    assert seen == [tiles, sc.ConvConfig()]
+    np.testing.assert_allclose(out, _numpy_conv(x, weight, rank, True), rtol=1e-5, atol=1e-5)
