@@ -128,7 +128,6 @@ class Config:
     bwd_qdo: bool = False
     blocks_first: bool = True
     longest_first: bool = True
-    bwd_merged: bool = False
 
     def __post_init__(self):
         if self.bwd not in ("pallas", "xla"):

@@ -440,133 +440,6 @@ def wy_bwd(k, v, beta_t, gcum_t, t, dw, du, dk_direct, seg, *, chunk, precision,
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels 2 + 3 in one: dq, dk, dv, dbeta, dG per chunk-head
-# ------------------------------------------------------------------------------------------------
-
-def _dqkw_wy_kernel(seg_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, t_ref, h_ref, dh_ref,
-                    vnew_ref, do_ref, du_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, rq_ref,
-                    rk_ref, *, block_k, block_v, precision, dw_dtype):
-    """``dqkw`` and ``wy_bwd`` for one chunk-head, dK_direct and dW never leaving the program.
-    WY needs N = dW K^T (all key blocks) before any key block's dK; with dW = -du h^T that is
-    N = -du (K h)^T, formed in the first value loop beside dP = dO v_new^T and M = du V^T.  The
-    key blocks then run unrolled (straight-line code: their q / k tiles feed dots and row sums,
-    no pipelined loop carries them); each one's value loop loads only dot operands."""
-    chunk, dk = k_ref.shape
-    dv = v_ref.shape[1]
-
-    @tc.used_chunk(seg_ref, (dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, rq_ref, rk_ref))
-    def _():
-        mm = functools.partial(cm.mm, precision=precision)
-        rows = pl.ds(0, chunk)
-        gates = tc.Gates.load(g_ref, rows, chunk - 1)
-        beta = beta_ref[...].astype(F32)
-        beg = (beta * gates.eg)[:, None]
-        t = t_ref[...]
-        k_all = k_ref[...]
-        cc = jnp.zeros((chunk, chunk), F32)
-
-        def value_block_a(vcol, carry):  # dP = dO v_new^T, M = du V^T, N = -du (K h)^T, dV
-            dp, m, n = carry
-            du_j = du_ref[:, vcol]
-            dv_ref[:, vcol] = (mm(t, du_j, ta=True) * beta[:, None]).astype(dv_ref.dtype)
-            kh_j = mm(k_all, h_ref[:, vcol])
-            return (dp + mm(do_ref[:, vcol], vnew_ref[:, vcol], tb=True),
-                    m + mm(du_j, v_ref[:, vcol], tb=True), n - mm(du_j, kh_j, tb=True))
-
-        dp, m, n = tc.fori_blocks(dv, block_v, value_block_a, (cc, cc, cc))
-        key_cols = tc.blocks(dk, block_k)
-        ks = tc.tiles(k_ref, rows, key_cols)
-        kk = None
-        for k_b in ks:
-            part = mm(k_b, k_b, tb=True)
-            kk = part if kk is None else kk + part
-
-        # WY: dT = dW Kb^T + du Vb^T, dA = -T^T dT T^T (strictly lower), dA' = diag(b) (E * dA).
-        dt = n * beg[:, 0][None, :] + m * beta[None, :]
-        tf = t.astype(F32)
-        dkbk = jnp.sum(tf * n, axis=0)                    # sum_d (T^T dW) * K
-        da = -mm(mm(t, dt, ta=True), t, tb=True)
-        dae = da * cm.strict_decay(gates.gcum)
-        m_a = dae * kk * beta[:, None]
-        dbeta = jnp.sum(tf * m, axis=0) + jnp.sum(dae * kk, axis=1) + dkbk * gates.eg
-        dg = jnp.sum(m_a, axis=1) - jnp.sum(m_a, axis=0) + dkbk * beg[:, 0]
-        dkk = dae * beta[:, None]
-        dkk_kk = dkk * kk
-        k_dk = beg[:, 0] * dkbk + jnp.sum(dkk_kk, axis=1) + jnp.sum(dkk_kk, axis=0)
-
-        dpd = dp * gates.causal()
-        zeros = lambda n_, m_: jnp.zeros((n_, m_), F32)  # noqa: E731
-        q_dq, hdh, g_inter = jnp.zeros((chunk,), F32), 0.0, 0.0
-        for kcol, k_b in zip(key_cols, ks):
-            bk = k_b.shape[1]
-
-            def value_block_b(vcol, acc, kcol=kcol):
-                do_j, vn_j, du_j = do_ref[:, vcol], vnew_ref[:, vcol], du_ref[:, vcol]
-                h_j, dh_j = h_ref[kcol, vcol], dh_ref[kcol, vcol]
-                parts = (mm(do_j, h_j, tb=True), mm(vn_j, dh_j, tb=True), mm(du_j, h_j, tb=True),
-                         mm(dh_j, h_j, tb=True))
-                return tuple(a + b for a, b in zip(acc, parts))
-
-            do_h, vn_dh, du_h, dh_h = tc.fori_blocks(
-                dv, block_v, value_block_b,
-                (zeros(chunk, bk), zeros(chunk, bk), zeros(chunk, bk), zeros(bk, bk)))
-            hdh = hdh + jnp.sum(tc.diagonal(dh_h))
-            q_b = q_ref[:, kcol]
-            dq = mm(dpd, k_b) + gates.eg[:, None] * do_h
-            dk_inter = gates.ekd[:, None] * vn_dh
-            dkd = mm(dpd, q_b, ta=True) + dk_inter
-            dw = (-du_h).astype(dw_dtype)                  # as ``dqkw`` stores it
-            dk_b = dkd + mm(t, dw, ta=True) * beg + mm(dkk, k_b) + mm(dkk, k_b, ta=True)
-            dq_ref[:, kcol] = dq.astype(dq_ref.dtype)
-            dk_ref[:, kcol] = dk_b.astype(dk_ref.dtype)
-            kf = k_b.astype(F32)
-            g_inter = g_inter + jnp.sum(kf * dk_inter)
-            q_dq_b = jnp.sum(q_b.astype(F32) * dq, axis=1)
-            k_dkd_b = jnp.sum(kf * dkd, axis=1)
-            q_dq = q_dq + q_dq_b
-            k_dk = k_dk + k_dkd_b
-            dg = dg + q_dq_b - k_dkd_b
-        g_last = g_inter + gates.egl * hdh
-        dbeta_ref[...] = dbeta
-        dg_ref[...] = dg + jnp.where(tc.last_row_mask(chunk), g_last, 0.0)
-        rq_ref[...] = q_dq
-        rk_ref[...] = k_dk
-
-
-def dqkw_wy(q, k, v, beta_t, gcum_t, t, h, dh, v_new, do, du, seg, *, chunk, precision,
-            interpret, num_warps, block_k, block_v, dq_dtype=F32, dk_dtype=F32, dv_dtype=F32,
-            num_stages: int = 1):
-    """``dqkw`` followed by ``wy_bwd`` in one launch, grid (B*Nc, H).  q, k [B, L, H, dk];
-    v, v_new, do, du [B, L, H, dv]; beta_t, gcum_t [B, H, L]; t [B, H, L, C]; h, dh
-    [B, H, Nc, dk, dv]; seg [B, Nc].  Returns (dq [B, L, H, dk] in dq_dtype, dk in dk_dtype,
-    dv [B, L, H, dv] in dv_dtype, dbeta [B, H, L], the dG of the chunk-local cumulative
-    log-decay [B, H, L], the row sums <dq, q>, <dk, k> [B, H, L]; all float32 but the first
-    three), zero on chunks of no segment."""
-    b, l, hh, dk = q.shape
-    dv = v.shape[-1]
-    bk, bv = min(block_k, dk), min(block_v, dv)
-    sp = tc.ChunkSpecs(b, l, chunk)
-    vec = jax.ShapeDtypeStruct((b, hh, l), F32)
-    out_shape = (jax.ShapeDtypeStruct((b, l, hh, dk), dq_dtype),
-                 jax.ShapeDtypeStruct((b, l, hh, dk), dk_dtype),
-                 jax.ShapeDtypeStruct((b, l, hh, dv), dv_dtype), vec, vec, vec, vec)
-    return pl.pallas_call(
-        functools.partial(_dqkw_wy_kernel, block_k=bk, block_v=bv,
-                          precision=resolve_precision(precision, interpret),
-                          dw_dtype=tc.operand_dtype(precision, interpret)),
-        out_shape=out_shape, grid=(b * (l // chunk), hh),
-        in_specs=[sp.seg(), sp.tok(dk), sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.tmat(),
-                  sp.state(dk, dv), sp.state(dk, dv), sp.tok(dv), sp.tok(dv), sp.tok(dv)],
-        out_specs=(sp.tok(dk), sp.tok(dk), sp.tok(dv), sp.gate(), sp.gate(), sp.gate(),
-                   sp.gate()),
-        compiler_params=tc.triton_params(num_warps, tc.par_stages(
-            num_stages, (chunk, bv, do.dtype), (chunk, bv, v_new.dtype), (chunk, bv, du.dtype),
-            (chunk, bv, v.dtype), (dk, bv, h.dtype))),
-        interpret=interpret, name="gdn_bwd_dqkw_wy",
-    )(seg, q, k, v, beta_t, gcum_t, t, h, dh, v_new, do, du)
-
-
-# ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
 
@@ -624,27 +497,20 @@ def backward(res, do, dfinal, *, num_segments, chunk, has_g, config, interpret,
         block_v=block_v, has_init=has_init, num_warps=config.walk_warps(dkp, block_v),
         num_stages=_bwd_walk_stages(config, chunk, dkp, block_v, qp.dtype.itemsize),
         longest_first=config.longest_first, **walk_in, **common)
-    if config.bwd_merged:
-        dq, dk_, dv_, dbeta, dg_sum, rq_sum, rk_sum = dqkw_wy(
-            qp, kp, vp, beta_t, gcum_t, t, h, dh, v_new, do_p, du, seg,
-            num_stages=config.par_stages("dqkw"), dq_dtype=dqk_dtypes[0],
-            dk_dtype=dqk_dtypes[1], dv_dtype=v.dtype, **par, **common)
-    else:
-        dq, dk_direct, dw, dg_qk, rq, rkd = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
-                                                 blocks_first=config.blocks_first,
-                                                 num_stages=config.par_stages("dqkw"),
-                                                 dq_dtype=dqk_dtypes[0], **par, **common)
-        dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg,
-                                            **par, dv_dtype=v.dtype, dk_dtype=dqk_dtypes[1],
-                                            num_stages=config.par_stages("wy"), **common)
-        dg_sum = jnp.sum(dg_qk, axis=0) + dg_wy
-        rq_sum, rk_sum = jnp.sum(rq, axis=0), jnp.sum(rkd, axis=0) + rk
-    dg = cm.chunk_cumsum_vjp(dg_sum, chunk)                   # dG (w.r.t. G) -> dg
+    dq, dk_direct, dw, dg_qk, rq, rkd = dqkw(qp, kp, gcum_t, h, dh, v_new, do_p, du, seg,
+                                             blocks_first=config.blocks_first,
+                                             num_stages=config.par_stages("dqkw"),
+                                             dq_dtype=dqk_dtypes[0], **par, **common)
+    dk_, dv_, dbeta, dg_wy, rk = wy_bwd(kp, vp, beta_t, gcum_t, t, dw, du, dk_direct, seg, **par,
+                                        dv_dtype=v.dtype, dk_dtype=dqk_dtypes[1],
+                                        num_stages=config.par_stages("wy"), **common)
+    dg = cm.chunk_cumsum_vjp(jnp.sum(dg_qk, axis=0) + dg_wy, chunk)   # dG (w.r.t. G) -> dg
     dg = jnp.transpose(dg, (0, 2, 1))
     dbeta = jnp.transpose(dbeta, (0, 2, 1))
     if has_init:
         empty = (hi <= lo).reshape(b, num_segments)[:, :, None, None, None]
         dinit = jnp.where(empty, dfinal.astype(F32), dinit[..., :dk, :dv])
-    rowdots = (jnp.transpose(rq_sum, (0, 2, 1)), jnp.transpose(rk_sum, (0, 2, 1)))
+    rowdots = (jnp.transpose(jnp.sum(rq, axis=0), (0, 2, 1)),
+               jnp.transpose(jnp.sum(rkd, axis=0) + rk, (0, 2, 1)))
     return (dq, dk_, dv_[..., :dv].astype(v.dtype), dg.astype(g.dtype) if has_g else None,
             dbeta.astype(beta.dtype), dinit, rowdots)
